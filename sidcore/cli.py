@@ -10,7 +10,10 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
+    "sidcore.commands",
     "sidcore.download",
+    "sidcore.detectors.digits",
+    "sidcore.metrics",
     "sidcore.report.tabulate",
     "sidcore.report.plot",
 ]

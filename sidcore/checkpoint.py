@@ -1,0 +1,77 @@
+"""Our own checkpoint files: written atomically, read with ``weights_only=True`` (no code runs on load).
+
+A *network snapshot* holds everything needed to rebuild a denoiser or generator:
+``{"format": "sidcore-network", "network": {constructor settings}, "state_dict": {...}, "meta": {...}}``.
+Teachers converted from NVIDIA pickles, teachers trained here, and distilled generators share it.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sidcore.networks.precond import EDMPrecond, build_network
+
+SNAPSHOT_FORMAT = "sidcore-network"
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: str | os.PathLike) -> dict:
+    """Load one of our checkpoints (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — re-raised with the file named
+        raise ValueError(f"{path}: not a readable sidcore checkpoint ({e})") from e
+
+
+def network_snapshot(net: EDMPrecond, network: dict, **meta: Any) -> dict:
+    """Snapshot of ``net`` (CPU float32 copy) built from constructor settings ``network``."""
+    state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in net.state_dict().items()}
+    return {"format": SNAPSHOT_FORMAT, "network": copy.deepcopy(network), "state_dict": state, "meta": meta}
+
+
+def load_network(path: str | os.PathLike, **overrides: Any) -> tuple[EDMPrecond, dict]:
+    """Rebuild the network of a snapshot file, loading every weight strictly.
+
+    ``overrides`` change constructor settings that are not weights (e.g. ``dropout``, ``use_fp16``).
+    Returns the network and the snapshot's ``network`` settings (with the overrides applied).
+    """
+    snap = load(path)
+    if snap.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"{path}: not a sidcore network snapshot (format={snap.get('format')!r})")
+    network = {**snap["network"], **overrides}
+    net = build_network(**network)
+    missing, unexpected = net.load_state_dict(snap["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the network settings "
+                         f"(missing {missing[:3]}…, unexpected {unexpected[:3]}…)")
+    return net, network
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,118 @@
+"""Pipeline-stage commands: prepare-data, train-teacher, distill, evaluate, summarize.
+
+Each takes the job's resolved settings (``--settings`` JSON, see ``sidcore.settings``) and explicit
+input and output paths, so the workflow states every file a job reads and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    from sidcore.settings import loads
+    return loads(args.settings)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def prepare_data(args: argparse.Namespace) -> int:
+    from sidcore.dataset import write_image_zip
+    settings = _settings(args)
+    source = settings["data"]["source"]
+    if source != "sklearn-digits":
+        raise NotImplementedError(f"datasets.{settings['dataset']}.data.source={source!r}: preparing this dataset "
+                                  "is not available in sidcore yet; place an EDM-layout zip at the output path")
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]  # 0..16 → 0..255, [N, 1, 8, 8]
+    write_image_zip(args.out, images, digits.target)
+    _log(f"{len(images)} digits ({images.shape[-1]}x{images.shape[-1]}, 10 classes) -> {args.out}")
+    return 0
+
+
+def train_teacher(args: argparse.Namespace) -> int:
+    from sidcore.teacher import train_teacher as train
+    train(_settings(args), args.data, args.out, log=_log)
+    return 0
+
+
+def distill(args: argparse.Namespace) -> int:
+    from sidcore.distill import Distiller
+    from sidcore.evaluate import Evaluator, generator_sampler, run_seed
+    settings = _settings(args)
+    Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    if (settings["init"] == "teacher") != (args.init is None):
+        raise ValueError(f"datasets.{settings['dataset']}.methods.{settings['method']}.init={settings['init']!r} "
+                         f"but --init was {'not ' if args.init is None else ''}given")
+    d = settings["distill"]
+    distiller = Distiller(settings, args.teacher, args.data, args.outdir, init_path=args.init)
+    evaluator = Evaluator.from_settings(settings, args.data, args.refs, args.detector_weights, distiller.device)
+    seed = run_seed(settings["evaluation"]["seed"], -1)
+    batch = settings["evaluation"]["batch"]
+
+    def evaluate(G_ema):
+        return evaluator(generator_sampler(G_ema, d["init_sigma"]), d["eval_images"], batch, seed)
+
+    distiller.run(evaluate, log=_log)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from sidcore.evaluate import evaluate_run, write_json
+    result = evaluate_run(_settings(args), args.model, args.kind, args.data, args.refs, args.detector_weights,
+                          args.run)
+    write_json(result, args.out)
+    _log(f"run {args.run}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+    return 0
+
+
+def summarize(args: argparse.Namespace) -> int:
+    from sidcore.evaluate import summarize as summarize_runs, write_json
+    settings = _settings(args)
+    runs = [json.loads(Path(p).read_text()) for p in args.runs]
+    summary = summarize_runs(runs, settings["table"], settings["evaluation"]["std_ddof"])
+    write_json(summary, args.out)
+    _log(", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary["metrics"].items())
+         + f" over {summary['runs']} runs")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, help=help)
+        p.add_argument("--settings", required=True, help="resolved job settings (JSON)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("prepare-data", prepare_data, "build a dataset zip in EDM's layout")
+    p.add_argument("--out", required=True)
+
+    p = add("train-teacher", train_teacher, "train an EDM teacher with EDM's loss")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+
+    p = add("distill", distill, "SiD / SiDA / SiD²A distillation (resumes from --outdir)")
+    for flag in ("--teacher", "--data", "--refs", "--detector-weights", "--outdir"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--init", help="SiD²A: generator snapshot to start from")
+
+    p = add("evaluate", evaluate, "one evaluation run of a generator or teacher")
+    for flag in ("--model", "--data", "--refs", "--detector-weights", "--out"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--kind", choices=("generator", "teacher"), required=True)
+    p.add_argument("--run", type=int, required=True)
+
+    p = add("summarize", summarize, "mean ± std over evaluation runs")
+    p.add_argument("--runs", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+
+
+if __name__ == "__main__":
+    sys.exit("use the `sidcore` command")

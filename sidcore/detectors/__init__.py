@@ -1,0 +1,1 @@
+"""Feature detectors for FID / IS that are not shipped with torch-fidelity."""

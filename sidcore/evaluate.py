@@ -1,0 +1,136 @@
+"""The papers' evaluation protocol: independent runs of N generated images each, mean ± std over runs.
+
+Run r on rank k draws its latents and labels from the seed ``run_seed(base, r, k)``; seeds of
+different runs and ranks never coincide. Labels follow the training set's label distribution.
+Images are quantised to uint8 as the official metric code does before entering the detector.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from sidcore import checkpoint
+from sidcore.dataset import read_image_zip
+from sidcore.metrics import FeatureAccumulator, create_detector, frechet_distance, load_reference
+from sidcore.sampling import LabelSampler, heun, noise, one_step, to_uint8
+
+RANK_STRIDE = 1 << 16  # ranks per run: seeds of run r occupy [base + r·2^16, base + (r+1)·2^16)
+
+SampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, labels) -> images in [-1, 1]
+
+
+def run_seed(base: int, run: int, rank: int = 0) -> int:
+    """Seed of evaluation run ``run`` on ``rank``; run −1 is the in-training evaluation."""
+    if not 0 <= rank < RANK_STRIDE:
+        raise ValueError(f"rank {rank} out of range")
+    return base + (run + 1) * RANK_STRIDE + rank
+
+
+@dataclass
+class Evaluator:
+    """Detector, reference statistics and label distribution of one dataset."""
+
+    detector: torch.nn.Module
+    refs: dict
+    labels: LabelSampler
+    shape: tuple[int, int, int]
+    metrics: list[str]
+    device: torch.device
+
+    @classmethod
+    def from_settings(cls, settings: dict, data: str, refs: str, detector_weights: str,
+                      device: torch.device) -> "Evaluator":
+        ds = read_image_zip(data)
+        shape = (settings["channels"], settings["resolution"], settings["resolution"])
+        detector = create_detector(settings["detector"]["name"], detector_weights, device)
+        return cls(detector, load_reference(refs),
+                   LabelSampler(ds.labels, ds.label_dim), shape, list(settings["metrics"]), device)
+
+    @torch.no_grad()
+    def __call__(self, sample: SampleFn, num_images: int, batch: int, seed: int) -> dict:
+        """Generate ``num_images`` images with ``sample`` and return {metric: value}."""
+        acc = FeatureAccumulator(self.detector)
+        gen = torch.Generator().manual_seed(seed)
+        done = 0
+        while done < num_images:
+            n = min(batch, num_images - done)
+            labels = self.labels(n, gen, self.device)
+            z = noise(n, self.shape, gen, self.device)
+            acc.add(to_uint8(sample(z, labels)))
+            done += n
+        out = {}
+        if "fid" in self.metrics:
+            out["fid"] = frechet_distance(acc.fid_statistics(), self.refs["fid"])
+        if "is" in self.metrics:
+            out["is"] = acc.inception_score()
+        unknown = set(self.metrics) - {"fid", "is"}
+        if unknown:
+            raise NotImplementedError(f"metrics {sorted(unknown)} are not computed by sidcore yet")
+        return out
+
+
+def generator_sampler(G: torch.nn.Module, init_sigma: float) -> SampleFn:
+    return lambda z, labels: one_step(G, z, labels, init_sigma)
+
+
+def teacher_sampler(net: torch.nn.Module, num_steps: int) -> SampleFn:
+    return lambda z, labels: heun(net, z, labels, num_steps=num_steps)
+
+
+def evaluate_run(settings: dict, model: str, kind: str, data: str, refs: str, detector_weights: str,
+                 run: int) -> dict:
+    """One evaluation run of a distilled generator (``kind='generator'``) or a teacher (``'teacher'``)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ev = settings["evaluation"]
+    evaluator = Evaluator.from_settings(settings, data, refs, detector_weights, device)
+    net, _ = checkpoint.load_network(model)
+    net.to(device).eval().requires_grad_(False)
+    if kind == "generator":
+        sample, nfe = generator_sampler(net, settings["distill"]["init_sigma"]), 1
+    else:
+        num_steps = settings["teacher_eval"]["num_steps"]
+        sample, nfe = teacher_sampler(net, num_steps), 2 * num_steps - 1
+    seed = run_seed(ev["seed"], run)
+    values = evaluator(sample, ev["num_images"], ev["batch"], seed)
+    meta = checkpoint.load(model)["meta"]
+    return {"dataset": settings["dataset"], "method": settings.get("method", "teacher"),
+            "alpha": settings.get("alpha"), "run": run, "seed": seed, "rank_seeds": [seed],
+            "num_images": ev["num_images"], "nfe": nfe, "kimg": meta.get("kimg"),
+            "detector": settings["detector"]["name"], "metrics": values,
+            "model_sha256": checkpoint.sha256_file(model), "refs_sha256": checkpoint.sha256_file(refs)}
+
+
+def summarize(runs: list[dict], table: str, ddof: int) -> dict:
+    """Mean ± std over runs of every metric (std with ``ddof``: 1 = sample standard deviation)."""
+    if not runs:
+        raise ValueError("no evaluation runs to summarise")
+    first = runs[0]
+    for r in runs[1:]:
+        for key in ("dataset", "method", "alpha", "model_sha256", "num_images"):
+            if r[key] != first[key]:
+                raise ValueError(f"evaluation runs disagree on {key}: {first[key]!r} vs {r[key]!r}")
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"evaluation runs share seeds: {seeds}")
+    metrics = {}
+    for name in first["metrics"]:
+        values = np.array([r["metrics"][name] for r in runs], dtype=np.float64)
+        std = float(values.std(ddof=ddof)) if len(values) > ddof else float("nan")
+        metrics[name] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
+    return {"dataset": first["dataset"], "table": table, "method": first["method"], "alpha": first["alpha"],
+            "nfe": first["nfe"], "kimg": first["kimg"], "runs": len(runs), "num_images": first["num_images"],
+            "detector": first["detector"], "std_ddof": ddof, "seeds": seeds, "metrics": metrics}
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,84 @@
+"""The registry of downloadable artifacts (``sidcore/data/artifacts.yaml``).
+
+The YAML groups entries as ``group -> name -> {url, sha256, size, note}``; an artifact's key
+is ``"<group>/<name>"``, e.g. ``teacher/edm-cifar10-32x32-uncond-vp``. A plain ``http(s)://``
+or ``file://`` URL is accepted wherever a key is, as an artifact without registry metadata.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib.resources
+import re
+from dataclasses import dataclass
+
+import yaml
+
+URL_SCHEMES = ("http://", "https://", "file://")
+FIELDS = {"url", "sha256", "size", "note"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One downloadable file. ``key`` is None for a bare URL."""
+
+    key: str | None
+    url: str
+    sha256: str | None = None  # published lowercase hex digest, if any
+    size: int | None = None  # bytes, if known
+    note: str = ""
+
+    @property
+    def id(self) -> str:
+        """Name under which the artifact is recorded in a lock file: its key, else its URL."""
+        return self.key or self.url
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a mapping key given twice (plain PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse(text: str) -> dict[str, Artifact]:
+    """Parse and validate registry YAML into ``{key: Artifact}``."""
+    table = {}
+    for group, entries in yaml.load(text, Loader=_UniqueKeyLoader).items():
+        for name, fields in entries.items():
+            key = f"{group}/{name}"
+            if not isinstance(fields, dict) or "url" not in fields or set(fields) - FIELDS:
+                raise ValueError(f"registry entry {key}: expected fields {sorted(FIELDS)} with a url, got {fields!r}")
+            sha256, size = fields.get("sha256"), fields.get("size")
+            if sha256 is not None and not _SHA256.fullmatch(sha256):
+                raise ValueError(f"registry entry {key}: sha256 must be 64 lowercase hex digits, got {sha256!r}")
+            if size is not None and (not isinstance(size, int) or size <= 0):
+                raise ValueError(f"registry entry {key}: size must be a positive integer, got {size!r}")
+            table[key] = Artifact(key, fields["url"], sha256, size, fields.get("note") or "")
+    return table
+
+
+@functools.cache
+def artifacts() -> dict[str, Artifact]:
+    """All registry entries by key (loaded once from the packaged YAML)."""
+    text = importlib.resources.files("sidcore").joinpath("data/artifacts.yaml").read_text(encoding="utf-8")
+    return parse(text)
+
+
+def lookup(key: str) -> Artifact:
+    """The artifact registered under ``key``, or a key-less artifact for a plain URL."""
+    if key.startswith(URL_SCHEMES):
+        return Artifact(None, key)
+    table = artifacts()
+    if key not in table:
+        close = difflib.get_close_matches(key, table, n=5, cutoff=0.5)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise KeyError(f"unknown artifact key {key!r}{hint}")
+    return table[key]
