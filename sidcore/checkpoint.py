@@ -62,10 +62,10 @@ def load_network(path: str | os.PathLike, **overrides: Any) -> tuple[EDMPrecond,
         raise ValueError(f"{path}: not a sidcore network snapshot (format={snap.get('format')!r})")
     network = {**snap["network"], **overrides}
     net = build_network(**network)
-    missing, unexpected = net.load_state_dict(snap["state_dict"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the network settings "
-                         f"(missing {missing[:3]}…, unexpected {unexpected[:3]}…)")
+    try:
+        net.load_state_dict(snap["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not match the network settings {network}: {e}") from e
     return net, network
 
 

@@ -99,7 +99,7 @@ def evaluate_run(settings: dict, model: str, kind: str, data: str, refs: str, de
     seed = run_seed(ev["seed"], run)
     values = evaluator(sample, ev["num_images"], ev["batch"], seed)
     meta = checkpoint.load(model)["meta"]
-    return {"dataset": settings["dataset"], "method": settings.get("method", "teacher"),
+    return {"dataset": settings["dataset"], "size": settings.get("size"), "method": settings.get("method", "teacher"),
             "alpha": settings.get("alpha"), "run": run, "seed": seed, "rank_seeds": [seed],
             "num_images": ev["num_images"], "nfe": nfe, "kimg": meta.get("kimg"),
             "detector": settings["detector"]["name"], "metrics": values,
@@ -123,7 +123,8 @@ def summarize(runs: list[dict], table: str, ddof: int) -> dict:
         values = np.array([r["metrics"][name] for r in runs], dtype=np.float64)
         std = float(values.std(ddof=ddof)) if len(values) > ddof else float("nan")
         metrics[name] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
-    return {"dataset": first["dataset"], "table": table, "method": first["method"], "alpha": first["alpha"],
+    return {"dataset": first["dataset"], "table": table, "size": first.get("size"), "method": first["method"],
+            "alpha": first["alpha"],
             "nfe": first["nfe"], "kimg": first["kimg"], "runs": len(runs), "num_images": first["num_images"],
             "detector": first["detector"], "std_ddof": ddof, "seeds": seeds, "metrics": metrics}
 

@@ -29,7 +29,8 @@ def resolve(config: dict, dataset: str, method: str | None = None, alpha: float 
         out["alpha"] = float(alpha)
         out["adversarial"] = ADVERSARIAL[method]
         out["init"] = spec.get("init", "teacher")
-        out["distill"] = {**entry["distill"], **spec.get("distill", {})}
+        by_alpha = spec.get("by_alpha", {}).get(str(float(alpha)), {})
+        out["distill"] = {**entry["distill"], **spec.get("distill", {}), **by_alpha}
     return out
 
 

@@ -1,0 +1,24 @@
+# Reproduce SiD / SiDA / SiD²A: download or train teachers, distil, evaluate, tabulate, plot.
+# Every rule calls one `sidcore` command; settings come from config.yaml (validated below).
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/resources.smk"
+include: "workflow/rules/distill.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        expand("results/tables/{table}.csv", table=config["tables"]),
+        [f"results/plots/{d}.png" for d in datasets_of_tables(config["tables"])],
+    default_target: True

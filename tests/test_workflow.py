@@ -1,0 +1,145 @@
+"""The Snakemake DAG: config validation errors, the jobs of each table, exactly-new jobs for a new alpha."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A copy of the workflow (not of results/) to run Snakemake in."""
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
+    return tmp_path
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, "-n", "--quiet", "rules", *args], cwd=workdir, capture_output=True,
+                          text=True, timeout=300)
+
+
+def job_counts(out: str) -> Counter:
+    """Parse Snakemake's 'Job stats' table of a dry run."""
+    counts = Counter()
+    for line in out.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def overlay(workdir: Path, text: str) -> str:
+    path = workdir / "overlay.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("datasets: {tiny: {methods: {sid: {alphas: [one]}}}}", "alphas"),
+    ("datasets: {tiny: {distill: {batch: -64}}}", "batch"),
+    ("datasets: {tiny: {bogus_key: 1}}", "bogus_key"),
+    ("evaluation: {runs: 0}", "runs"),
+    ("tables: [no-such-table]", "no-such-table"),
+])
+def test_bad_config_fails_before_any_job_naming_the_key(workdir, text, key):
+    r = snakemake(workdir, "--configfile", overlay(workdir, text))
+    assert r.returncode != 0
+    message = r.stdout + r.stderr
+    assert key in message, message[-2000:]
+    assert "Job stats" not in message
+
+
+def test_tiny_dag(workdir):
+    r = snakemake(workdir, "-c1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = job_counts(r.stdout + r.stderr)
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]["tiny"]
+    n_alphas = {m: len(spec["alphas"]) for m, spec in cfg["methods"].items()}
+    assert counts["distill_sid"] == n_alphas["sid"]
+    assert counts["distill_sida"] == n_alphas["sida"]
+    assert counts["distill_sid2a"] == n_alphas["sid2a"]
+    assert counts["evaluate_generator"] == 10 * sum(n_alphas.values())
+    assert counts["evaluate_teacher"] == 10
+    assert counts["summarize"] == sum(n_alphas.values()) + 1
+    for rule in ("prepare_data", "train_teacher", "train_detector", "compute_reference", "tabulate", "plot"):
+        assert counts[rule] == 1, rule
+
+
+@pytest.mark.parametrize("table, datasets", [
+    ("edm2", ["edm2-xs", "edm2-s", "edm2-m", "edm2-l", "edm2-xl", "edm2-xxl"]),
+    ("cifar10-uncond", ["cifar10-uncond"]),
+    ("cifar10-cond", ["cifar10-cond"]),
+    ("imagenet64", ["imagenet64-cond"]),
+    ("ffhq64", ["ffhq64"]),
+    ("afhq64-v2", ["afhq64-v2"]),
+])
+def test_paper_table_dags(workdir, table, datasets):
+    r = subprocess.run([*SNAKEMAKE, "-n", f"results/tables/{table}.csv"], cwd=workdir, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]
+    counts = job_counts(out)
+    for d in datasets:
+        for method, spec in cfg[d]["methods"].items():
+            for alpha in spec["alphas"]:
+                assert f"results/{d}/{method}/alpha{float(alpha)}/generator.pt" in out, (d, method, alpha)
+                assert f"results/{d}/{method}/alpha{float(alpha)}/eval/summary.json" in out
+        assert f"resources/data/{d}.zip" in out
+    n_runs = sum(len(s["alphas"]) for d in datasets for s in cfg[d]["methods"].values())
+    assert counts["evaluate_generator"] == 10 * n_runs
+    assert counts["download_teacher"] >= 1 and counts["convert_teacher"] >= 1
+    assert counts["fetch_reference"] >= 1 and counts["download_detector"] >= 1
+    assert counts["tabulate"] == 1
+
+
+STUB = """#!/usr/bin/env python3
+# Stands in for sidcore: creates the files a command was asked to write.
+import sys
+from pathlib import Path
+args = sys.argv[1:]
+outs = [args[i + 1] for i, a in enumerate(args) if a == "--out"]
+for i, a in enumerate(args):
+    if a == "--outdir":
+        outs += [args[i + 1] + "/generator.pt", args[i + 1] + "/log.jsonl"]
+extra = {".csv": ".md", ".png": ".pdf"}
+for out in outs:
+    p = Path(out)
+    for q in (p, p.with_suffix(extra.get(p.suffix, p.suffix))):
+        q.parent.mkdir(parents=True, exist_ok=True)
+        q.write_text("stub")
+"""
+
+
+def test_new_alpha_adds_only_its_jobs(workdir):
+    """With every output made, a new SiD alpha adds its distillation and evaluations and re-tabulates."""
+    stub = workdir / "bin" / "sidcore"
+    stub.parent.mkdir()
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}"}
+    target = "results/tables/tiny.csv"
+    r = subprocess.run([*SNAKEMAKE, "-c1", target], cwd=workdir, capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = snakemake(workdir, "-c1", target)
+    assert "Nothing to be done" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+
+    config = (workdir / "config.yaml").read_text()
+    new = re.sub(r"(\n      sid: \{alphas: \[)([^\]]*)\]", r"\1\2, 1.5]", config)
+    assert new != config
+    (workdir / "config.yaml").write_text(new)
+    r = snakemake(workdir, "-c1", target)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = job_counts(r.stdout + r.stderr)
+    assert dict(counts) == {"distill_sid": 1, "evaluate_generator": 10, "summarize": 1, "tabulate": 1}

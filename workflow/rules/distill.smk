@@ -1,0 +1,41 @@
+# SiD from the teacher; SiDA from the teacher; SiD²A from a SiD generator. One job per (dataset, alpha).
+# A rerun of an interrupted job resumes from results/.../training-state.pt.
+
+
+rule distill_sid:
+    input:
+        unpack(eval_inputs),
+        teacher=teacher_file,
+    output:
+        generator="results/{dataset}/{method}/alpha{alpha}/generator.pt",
+        log="results/{dataset}/{method}/alpha{alpha}/log.jsonl",
+    wildcard_constraints:
+        method="sid",
+    params:
+        settings=lambda w: settings(w.dataset, w.method, w.alpha),
+        outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
+        init="",
+    log:
+        "logs/distill/{dataset}-{method}-alpha{alpha}.log",
+    shell:
+        "sidcore distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
+        " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.init}"
+        " > {log} 2>&1"
+
+
+use rule distill_sid as distill_sida with:
+    wildcard_constraints:
+        method="sida",
+
+
+use rule distill_sid as distill_sid2a with:
+    input:
+        unpack(eval_inputs),
+        teacher=teacher_file,
+        init=init_file,
+    wildcard_constraints:
+        method="sid2a",
+    params:
+        settings=lambda w: settings(w.dataset, w.method, w.alpha),
+        outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
+        init=lambda w, input: f"--init {input.init}",
