@@ -1,7 +1,8 @@
 """The ``sidcore`` command: one subcommand per pipeline stage.
 
-Each command module exposes ``register(subparsers)``, which adds its subparser and sets
-``func`` to the function that runs it with the parsed arguments.
+Each command module exposes ``register(subparsers)``, which adds its subparsers and sets ``func``
+to the function that runs a command. Only the module of the command being run is imported, so a
+job pays for the libraries it uses and no more.
 """
 from __future__ import annotations
 
@@ -9,20 +10,27 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = [
-    "sidcore.commands",
-    "sidcore.download",
-    "sidcore.detectors.digits",
-    "sidcore.metrics",
-    "sidcore.report.tabulate",
-    "sidcore.report.plot",
-]
+COMMANDS = {
+    "prepare-data": "sidcore.commands",
+    "train-teacher": "sidcore.commands",
+    "convert-network": "sidcore.commands",
+    "distill": "sidcore.commands",
+    "evaluate": "sidcore.commands",
+    "summarize": "sidcore.summary",
+    "download": "sidcore.download",
+    "train-detector": "sidcore.detectors.digits",
+    "ref-stats": "sidcore.metrics",
+    "tabulate": "sidcore.report.tabulate",
+    "plot": "sidcore.report.plot",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="sidcore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    wanted = [COMMANDS[argv[0]]] if argv and argv[0] in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in wanted:
         importlib.import_module(name).register(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

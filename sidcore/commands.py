@@ -1,4 +1,4 @@
-"""Pipeline-stage commands: prepare-data, train-teacher, distill, evaluate, summarize.
+"""Pipeline-stage commands: prepare-data, train-teacher, convert-network, distill, evaluate.
 
 Each takes the job's resolved settings (``--settings`` JSON, see ``sidcore.settings``) and explicit
 input and output paths, so the workflow states every file a job reads and writes.
@@ -6,7 +6,6 @@ input and output paths, so the workflow states every file a job reads and writes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,17 +22,26 @@ def _log(msg: str) -> None:
 
 
 def prepare_data(args: argparse.Namespace) -> int:
-    from sidcore.dataset import write_image_zip
     settings = _settings(args)
-    source = settings["data"]["source"]
-    if source != "sklearn-digits":
-        raise NotImplementedError(f"datasets.{settings['dataset']}.data.source={source!r}: preparing this dataset "
-                                  "is not available in sidcore yet; place an EDM-layout zip at the output path")
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]  # 0..16 → 0..255, [N, 1, 8, 8]
-    write_image_zip(args.out, images, digits.target)
-    _log(f"{len(images)} digits ({images.shape[-1]}x{images.shape[-1]}, 10 classes) -> {args.out}")
+    data = settings["data"]
+    key = f"datasets.{settings['dataset']}.data"
+    if data["source"] == "sklearn-digits":
+        from sklearn.datasets import load_digits
+        from sidcore.dataset import write_image_zip
+        digits = load_digits()
+        images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]  # 0..16 → 0..255, [N, 1, 8, 8]
+        write_image_zip(args.out, images, digits.target)
+        _log(f"{len(images)} digits ({images.shape[-1]}x{images.shape[-1]}, 10 classes) -> {args.out}")
+    elif data["source"] == "edm-zip":
+        from sidcore.dataset import link_image_zip
+        if "path" not in data:
+            raise ValueError(f"{key}.path: the EDM-layout zip to use is not set")
+        n = link_image_zip(data["path"], args.out)
+        _log(f"{data['path']}: {n} images -> {args.out}")
+    else:
+        raise NotImplementedError(f"{key}.source={data['source']!r}: preparing this dataset is not available "
+                                  "in this version of sidcore; set source: edm-zip and point path at a zip made "
+                                  "with EDM's dataset_tool")
     return 0
 
 
@@ -41,6 +49,11 @@ def train_teacher(args: argparse.Namespace) -> int:
     from sidcore.teacher import train_teacher as train
     train(_settings(args), args.data, args.out, log=_log)
     return 0
+
+
+def convert_network(args: argparse.Namespace) -> int:
+    raise NotImplementedError(f"{args.src}: converting NVIDIA persistence pickles into sidcore snapshots is not "
+                              "available in this version of sidcore")
 
 
 def distill(args: argparse.Namespace) -> int:
@@ -65,22 +78,12 @@ def distill(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from sidcore.evaluate import evaluate_run, write_json
+    from sidcore.evaluate import evaluate_run
+    from sidcore.summary import write_json
     result = evaluate_run(_settings(args), args.model, args.kind, args.data, args.refs, args.detector_weights,
                           args.run)
     write_json(result, args.out)
     _log(f"run {args.run}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
-    return 0
-
-
-def summarize(args: argparse.Namespace) -> int:
-    from sidcore.evaluate import summarize as summarize_runs, write_json
-    settings = _settings(args)
-    runs = [json.loads(Path(p).read_text()) for p in args.runs]
-    summary = summarize_runs(runs, settings["table"], settings["evaluation"]["std_ddof"])
-    write_json(summary, args.out)
-    _log(", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary["metrics"].items())
-         + f" over {summary['runs']} runs")
     return 0
 
 
@@ -98,6 +101,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
 
+    p = subparsers.add_parser("convert-network", help="NVIDIA network pickle -> sidcore network snapshot")
+    p.add_argument("--src", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=convert_network)
+
     p = add("distill", distill, "SiD / SiDA / SiD²A distillation (resumes from --outdir)")
     for flag in ("--teacher", "--data", "--refs", "--detector-weights", "--outdir"):
         p.add_argument(flag, required=True)
@@ -109,9 +117,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=("generator", "teacher"), required=True)
     p.add_argument("--run", type=int, required=True)
 
-    p = add("summarize", summarize, "mean ± std over evaluation runs")
-    p.add_argument("--runs", nargs="+", required=True)
-    p.add_argument("--out", required=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,33 @@ def write_image_zip(path: str | os.PathLike, images: np.ndarray, labels: np.ndar
                 table.append([name, int(labels[i])])
         zf.writestr("dataset.json", json.dumps({"labels": table if labels is not None else None}))
     os.replace(tmp, path)
+
+
+def link_image_zip(src: str | os.PathLike, dst: str | os.PathLike) -> int:
+    """Check that ``src`` is an EDM-layout zip (images + dataset.json) and hard-link (or copy) it to ``dst``.
+
+    Returns the number of images. The archive's members are listed, not decoded.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"dataset zip not found: {src}")
+    try:
+        with zipfile.ZipFile(src) as zf:
+            names = zf.namelist()
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{src}: not a zip archive ({e})") from e
+    n = sum(name.lower().endswith(IMAGE_EXTENSIONS) for name in names)
+    if n == 0 or "dataset.json" not in names:
+        raise ValueError(f"{src}: expected images and a dataset.json at the archive root (EDM layout)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return n
 
 
 class InfiniteSampler:

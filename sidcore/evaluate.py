@@ -6,13 +6,9 @@ Images are quantised to uint8 as the official metric code does before entering t
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from sidcore import checkpoint
@@ -104,34 +100,3 @@ def evaluate_run(settings: dict, model: str, kind: str, data: str, refs: str, de
             "num_images": ev["num_images"], "nfe": nfe, "kimg": meta.get("kimg"),
             "detector": settings["detector"]["name"], "metrics": values,
             "model_sha256": checkpoint.sha256_file(model), "refs_sha256": checkpoint.sha256_file(refs)}
-
-
-def summarize(runs: list[dict], table: str, ddof: int) -> dict:
-    """Mean ± std over runs of every metric (std with ``ddof``: 1 = sample standard deviation)."""
-    if not runs:
-        raise ValueError("no evaluation runs to summarise")
-    first = runs[0]
-    for r in runs[1:]:
-        for key in ("dataset", "method", "alpha", "model_sha256", "num_images"):
-            if r[key] != first[key]:
-                raise ValueError(f"evaluation runs disagree on {key}: {first[key]!r} vs {r[key]!r}")
-    seeds = [r["seed"] for r in runs]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"evaluation runs share seeds: {seeds}")
-    metrics = {}
-    for name in first["metrics"]:
-        values = np.array([r["metrics"][name] for r in runs], dtype=np.float64)
-        std = float(values.std(ddof=ddof)) if len(values) > ddof else float("nan")
-        metrics[name] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
-    return {"dataset": first["dataset"], "table": table, "size": first.get("size"), "method": first["method"],
-            "alpha": first["alpha"],
-            "nfe": first["nfe"], "kimg": first["kimg"], "runs": len(runs), "num_images": first["num_images"],
-            "detector": first["detector"], "std_ddof": ddof, "seeds": seeds, "metrics": metrics}
-
-
-def write_json(obj: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)

@@ -40,7 +40,7 @@ class DetectorSpec:
 
 DETECTORS: dict[str, DetectorSpec] = {
     "inception-v3-compat": DetectorSpec(fid_feature="2048", is_feature="logits_unbiased", channels=3),
-    "sidcore-digits": DetectorSpec(fid_feature="64", is_feature="logits", channels=1),
+    "sidcore-digits": DetectorSpec(fid_feature="256", is_feature="logits", channels=1),
 }
 
 

@@ -124,10 +124,10 @@ def test_wrong_checkpoint_kind_is_named(tmp_path):
 
 def test_registered_extractor_shapes(detector_checkpoint, real_digits):
     extractor = torch_fidelity.utils.create_feature_extractor(
-        "sidcore-digits", ["64", "logits"], cuda=False, verbose=False,
+        "sidcore-digits", ["256", "64", "logits"], cuda=False, verbose=False,
         feature_extractor_weights_path=detector_checkpoint[0])
-    features, logits = extractor(real_digits[0][:32])
-    assert features.shape == (32, 64) and features.dtype == torch.float32
+    conv, features, logits = extractor(real_digits[0][:32])
+    assert conv.shape == (32, 256) and features.shape == (32, 64) and features.dtype == torch.float32
     assert logits.shape == (32, 10)
 
 
@@ -141,7 +141,7 @@ def test_real_digits_metrics(detector_checkpoint, real_digits):
     assert acc.inception_score() > 5
 
     reference = metrics.reference_from_dataset(images, detector, batch=256)
-    assert reference["mu"].shape == (64,) and reference["sigma"].dtype == np.float64
+    assert reference["mu"].shape == (256,) and reference["sigma"].dtype == np.float64
     assert abs(metrics.frechet_distance(acc.fid_statistics(), reference)) < 1e-6
     noise = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert metrics.frechet_distance(metrics.reference_from_dataset(noise, detector), reference) > 1

@@ -17,6 +17,7 @@ rule distill_sid:
         init="",
     log:
         "logs/distill/{dataset}-{method}-alpha{alpha}.log",
+    priority: 10  # start distillations before evaluations that could wait
     shell:
         "sidcore distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.init}"

@@ -1,0 +1,28 @@
+# make demo  - install into .venv and run the tiny experiment (results/tables/tiny.csv, results/plots/tiny.png)
+# make test  - install into .venv and run every test (the fast ones and those marked slow)
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+CORES ?= 2
+
+.PHONY: install demo test test-fast clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: envs/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r envs/requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+demo: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --cores $(CORES)
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "slow or not slow" -q
+
+test-fast: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+clean-demo:
+	rm -rf results/tiny results/tables/tiny.* results/plots/tiny.* resources/*/tiny* resources/*/trained logs

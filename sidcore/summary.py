@@ -1,0 +1,59 @@
+"""Mean ± std over evaluation runs (the papers report mean ± std over 10 independent runs)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def summarize(runs: list[dict], table: str, ddof: int) -> dict:
+    """Mean ± std over runs of every metric (std with ``ddof``: 1 = sample standard deviation)."""
+    if not runs:
+        raise ValueError("no evaluation runs to summarise")
+    first = runs[0]
+    for r in runs[1:]:
+        for key in ("dataset", "method", "alpha", "model_sha256", "num_images"):
+            if r[key] != first[key]:
+                raise ValueError(f"evaluation runs disagree on {key}: {first[key]!r} vs {r[key]!r}")
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"evaluation runs share seeds: {seeds}")
+    metrics = {}
+    for name in first["metrics"]:
+        values = np.array([r["metrics"][name] for r in runs], dtype=np.float64)
+        std = float(values.std(ddof=ddof)) if len(values) > ddof else float("nan")
+        metrics[name] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
+    return {"dataset": first["dataset"], "table": table, "size": first.get("size"), "method": first["method"],
+            "alpha": first["alpha"], "nfe": first["nfe"], "kimg": first["kimg"], "runs": len(runs),
+            "num_images": first["num_images"], "detector": first["detector"], "std_ddof": ddof, "seeds": seeds,
+            "metrics": metrics}
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    settings = json.loads(args.settings)
+    runs = [json.loads(Path(p).read_text()) for p in args.runs]
+    summary = summarize(runs, settings["table"], settings["evaluation"]["std_ddof"])
+    write_json(summary, args.out)
+    print(", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary["metrics"].items())
+          + f" over {summary['runs']} runs")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("summarize", help="mean ± std over evaluation runs")
+    p.add_argument("--settings", required=True, help="resolved job settings (JSON)")
+    p.add_argument("--runs", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_summarize)

@@ -1,0 +1,56 @@
+"""The whole tiny experiment through Snakemake and the real sidcore commands, shortened."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHORT = """
+datasets:
+  tiny:
+    teacher: {train: {kimg: 8}}
+    teacher_eval: {num_steps: 4}
+    detector: {epochs: 3}
+    evaluation: {runs: 3, num_images: 256, batch: 256}
+    distill: {duration_kimg: 0.768, tick_kimg: 0.192, stage_kimg: [0.192, 0.384], snap_ticks: 2,
+              eval_early_ticks: [0], dump_ticks: 2, eval_images: 128}
+"""
+
+
+@pytest.mark.slow
+def test_tiny_experiment_end_to_end(tmp_path):
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
+    (tmp_path / "short.yaml").write_text(SHORT)
+    r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "short.yaml"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+    with open(tmp_path / "results/tables/tiny.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["method"], row["alpha"]) for row in rows] == [
+        ("teacher", ""), ("sid", "1.0"), ("sid", "1.2"), ("sida", "1.0"), ("sid2a", "1.0"), ("sid2a", "1.2")]
+    fid_col = next(c for c in rows[0] if c.startswith("FID"))
+    for row in rows:
+        mean, std = (float(v) for v in row[fid_col].split("±"))
+        assert 0 < mean < 400 and std >= 0
+    assert (tmp_path / "results/tables/tiny.md").read_text().count("\n") >= 8
+    for ext in ("png", "pdf"):
+        assert (tmp_path / f"results/plots/tiny.{ext}").stat().st_size > 1000
+
+    seeds = []
+    for run_json in sorted((tmp_path / "results/tiny").glob("*/*/eval/run*.json")):
+        seeds.append(json.loads(run_json.read_text())["seed"])
+    assert len(seeds) == 5 * 3 and len(set(seeds)) == 3  # runs differ; every model sees the same 3 seeds
+
+    log = [json.loads(x) for x in (tmp_path / "results/tiny/sida/alpha1.0/log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log][0] == 1 and log[-1]["stage"] == 3 and "fid" in log[-1]
+    summary = json.loads((tmp_path / "results/tiny/sid2a/alpha1.2/eval/summary.json").read_text())
+    assert summary["runs"] == 3 and len(summary["metrics"]["fid"]["values"]) == 3
+    assert (tmp_path / "logs/distill/tiny-sid2a-alpha1.2.log").read_text().count("tick") >= 4
