@@ -14,24 +14,16 @@ from typing import Any
 
 import torch
 
+from sidcore.atomic import atomic_path
 from sidcore.networks.precond import EDMPrecond, build_network
 
 SNAPSHOT_FORMAT = "sidcore-network"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save through a temporary file renamed over ``path`` (see ``sidcore.atomic``)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load(path: str | os.PathLike) -> dict:

@@ -78,12 +78,13 @@ def distill(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from sidcore.evaluate import evaluate_run
+    from sidcore.evaluate import evaluate_runs
     from sidcore.summary import write_json
-    result = evaluate_run(_settings(args), args.model, args.kind, args.data, args.refs, args.detector_weights,
-                          args.run)
-    write_json(result, args.out)
-    _log(f"run {args.run}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+    settings = _settings(args)
+    for result in evaluate_runs(settings, args.model, args.kind, args.data, args.refs, args.detector_weights,
+                                settings["evaluation"]["runs"]):
+        write_json(result, Path(args.outdir) / f"run{result['run']}.json")
+        _log(f"run {result['run']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
     return 0
 
 
@@ -111,11 +112,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(flag, required=True)
     p.add_argument("--init", help="SiD²A: generator snapshot to start from")
 
-    p = add("evaluate", evaluate, "one evaluation run of a generator or teacher")
-    for flag in ("--model", "--data", "--refs", "--detector-weights", "--out"):
+    p = add("evaluate", evaluate, "the evaluation runs of a generator or teacher (writes OUTDIR/run{r}.json)")
+    for flag in ("--model", "--data", "--refs", "--detector-weights", "--outdir"):
         p.add_argument(flag, required=True)
     p.add_argument("--kind", choices=("generator", "teacher"), required=True)
-    p.add_argument("--run", type=int, required=True)
 
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sidcore.atomic import atomic_path
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -83,10 +85,8 @@ def write_image_zip(path: str | os.PathLike, images: np.ndarray, labels: np.ndar
     path = Path(path)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected uint8 [N, 1|3, H, W] images, got {images.dtype} {images.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     table = []
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for i, img in enumerate(images):
             name = f"{i // 1000:05d}/img{i:08d}.png"
             hwc = img.transpose(1, 2, 0)
@@ -96,7 +96,6 @@ def write_image_zip(path: str | os.PathLike, images: np.ndarray, labels: np.ndar
             if labels is not None:
                 table.append([name, int(labels[i])])
         zf.writestr("dataset.json", json.dumps({"labels": table if labels is not None else None}))
-    os.replace(tmp, path)
 
 
 def link_image_zip(src: str | os.PathLike, dst: str | os.PathLike) -> int:
@@ -115,14 +114,11 @@ def link_image_zip(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     n = sum(name.lower().endswith(IMAGE_EXTENSIONS) for name in names)
     if n == 0 or "dataset.json" not in names:
         raise ValueError(f"{src}: expected images and a dataset.json at the archive root (EDM layout)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
     return n
 
 

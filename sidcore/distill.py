@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import resource
 import shutil
 import sys
@@ -23,10 +22,10 @@ import torch
 from PIL import Image
 
 from sidcore import checkpoint
+from sidcore.atomic import atomic_path
 from sidcore.dataset import InfiniteSampler, read_image_zip
 from sidcore.losses import SiDLoss
 from sidcore.sampling import image_grid, one_step, to_uint8
-from sidcore.settings import network_settings
 
 EvaluateFn = Callable[[torch.nn.Module], dict]
 
@@ -240,9 +239,8 @@ class Distiller:
         x = one_step(self.G_ema, self.grid_z.to(self.device), labels, self.d["init_sigma"])
         grid = image_grid(to_uint8(x), rows=8)
         img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-        tmp = self.outdir / ".grid.png"
-        img.save(tmp)
-        os.replace(tmp, self.outdir / f"fakes-{self.cur_nimg // 1000:06d}.png")
+        with atomic_path(self.outdir / f"fakes-{self.cur_nimg // 1000:06d}.png") as tmp:
+            img.save(tmp)
 
     # ------------------------------------------------------------------------------------------
     def append_log(self, record: dict) -> None:
@@ -306,9 +304,8 @@ class Distiller:
         if not best.exists():
             raise RuntimeError(f"{self.outdir}: no evaluation produced a finite FID; no generator to publish")
         for src, dst in ((best, "generator.pt"), (self.outdir / "progress.jsonl", "log.jsonl")):
-            tmp = self.outdir / f".{dst}.tmp"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, self.outdir / dst)
+            with atomic_path(self.outdir / dst) as tmp:
+                shutil.copyfile(src, tmp)
 
 
 def format_record(r: dict, best_fid: float) -> str:

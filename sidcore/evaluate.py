@@ -7,7 +7,7 @@ Images are quantised to uint8 as the official metric code does before entering t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -79,9 +79,9 @@ def teacher_sampler(net: torch.nn.Module, num_steps: int) -> SampleFn:
     return lambda z, labels: heun(net, z, labels, num_steps=num_steps)
 
 
-def evaluate_run(settings: dict, model: str, kind: str, data: str, refs: str, detector_weights: str,
-                 run: int) -> dict:
-    """One evaluation run of a distilled generator (``kind='generator'``) or a teacher (``'teacher'``)."""
+def evaluate_runs(settings: dict, model: str, kind: str, data: str, refs: str, detector_weights: str,
+                  runs: int) -> Iterator[dict]:
+    """Evaluation runs 0 … runs−1 of a distilled generator (``kind='generator'``) or a teacher (``'teacher'``)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ev = settings["evaluation"]
     evaluator = Evaluator.from_settings(settings, data, refs, detector_weights, device)
@@ -92,11 +92,12 @@ def evaluate_run(settings: dict, model: str, kind: str, data: str, refs: str, de
     else:
         num_steps = settings["teacher_eval"]["num_steps"]
         sample, nfe = teacher_sampler(net, num_steps), 2 * num_steps - 1
-    seed = run_seed(ev["seed"], run)
-    values = evaluator(sample, ev["num_images"], ev["batch"], seed)
-    meta = checkpoint.load(model)["meta"]
-    return {"dataset": settings["dataset"], "size": settings.get("size"), "method": settings.get("method", "teacher"),
-            "alpha": settings.get("alpha"), "run": run, "seed": seed, "rank_seeds": [seed],
-            "num_images": ev["num_images"], "nfe": nfe, "kimg": meta.get("kimg"),
-            "detector": settings["detector"]["name"], "metrics": values,
-            "model_sha256": checkpoint.sha256_file(model), "refs_sha256": checkpoint.sha256_file(refs)}
+    common = {"dataset": settings["dataset"], "size": settings.get("size"),
+              "method": settings.get("method", "teacher"), "alpha": settings.get("alpha"),
+              "num_images": ev["num_images"], "nfe": nfe, "kimg": checkpoint.load(model)["meta"].get("kimg"),
+              "detector": settings["detector"]["name"], "model_sha256": checkpoint.sha256_file(model),
+              "refs_sha256": checkpoint.sha256_file(refs)}
+    for run in range(runs):
+        seed = run_seed(ev["seed"], run)
+        values = evaluator(sample, ev["num_images"], ev["batch"], seed)
+        yield {**common, "run": run, "seed": seed, "rank_seeds": [seed], "metrics": values}

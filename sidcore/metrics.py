@@ -26,6 +26,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
+from sidcore.atomic import atomic_path
 import sidcore.detectors.digits  # noqa: F401  (registers the "sidcore-digits" extractor)
 
 Stats = dict[str, np.ndarray]  # {"mu": [D] float64, "sigma": [D, D] float64}
@@ -163,34 +164,37 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def load_reference(path: str | os.PathLike) -> dict[str, Stats]:
-    """Read reference statistics: EDM ``.npz`` -> {"fid"}; EDM2 ``.pkl`` -> {"fid"[, "fd_dinov2"]}."""
+    """Read reference statistics: EDM ``.npz`` -> {"fid"}; EDM2 ``.pkl`` -> {"fid"[, "fd_dinov2"]}.
+
+    The format is recognised from the content (downloaded files are stored under their registry key).
+    """
     path = Path(path)
-    if path.suffix == ".npz":
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == b"PK":  # an npz is a zip archive
         with np.load(path, allow_pickle=False) as z:
             missing = {"mu", "sigma"} - set(z.files)
             if missing:
                 raise ValueError(f"{path}: missing arrays {sorted(missing)}")
             entries = {"fid": {"mu": z["mu"], "sigma": z["sigma"]}}
-    elif path.suffix == ".pkl":
+    elif magic[:1] == b"\x80":  # pickle protocol ≥ 2
         with open(path, "rb") as f:
             data = _ArrayUnpickler(f, path).load()
         if not isinstance(data, dict) or not isinstance(data.get("fid"), dict):
             raise ValueError(f"{path}: expected a dict with a 'fid' entry")
         entries = {k: data[k] for k in ("fid", "fd_dinov2") if k in data}
     else:
-        raise ValueError(f"{path}: unknown reference format (expected .npz or .pkl)")
+        raise ValueError(f"{path}: unknown reference format (expected an EDM .npz or an EDM2 .pkl)")
     return {k: _as_stats(v, f"{path}[{k}]") for k, v in entries.items()}
 
 
 def save_reference(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write EDM's npz layout (``mu``, ``sigma`` as float64) atomically."""
     stats = _as_stats({"mu": mu, "sigma": sigma}, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=stats["mu"], sigma=stats["sigma"])
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"])
 
 
 # ------------------------------------------------------------------------------------------------

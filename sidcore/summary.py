@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sidcore import atomic
+
 
 def summarize(runs: list[dict], table: str, ddof: int) -> dict:
     """Mean ± std over runs of every metric (std with ``ddof``: 1 = sample standard deviation)."""
@@ -34,11 +36,7 @@ def summarize(runs: list[dict], table: str, ddof: int) -> dict:
 
 def write_json(obj: dict, path: str | os.PathLike) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _summarize(args: argparse.Namespace) -> int:

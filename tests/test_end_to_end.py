@@ -11,12 +11,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SHORT = """
+evaluation: {runs: 3}
 datasets:
   tiny:
     teacher: {train: {kimg: 8}}
     teacher_eval: {num_steps: 4}
     detector: {epochs: 3}
-    evaluation: {runs: 3, num_images: 256, batch: 256}
+    evaluation: {num_images: 256, batch: 256}
     distill: {duration_kimg: 0.768, tick_kimg: 0.192, stage_kimg: [0.192, 0.384], snap_ticks: 2,
               eval_early_ticks: [0], dump_ticks: 2, eval_images: 128}
 """

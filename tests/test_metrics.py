@@ -164,3 +164,14 @@ def test_inception_detector_takes_grayscale(tmp_path, monkeypatch):
     stats = acc.fid_statistics()
     assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
     assert np.isfinite(acc.inception_score(splits=2))
+
+
+def test_reference_format_is_recognised_without_a_suffix(tmp_path):
+    mu, sigma = np.arange(3.0), np.eye(3)
+    metrics.save_reference(tmp_path / "r.npz", mu, sigma)
+    (tmp_path / "r.npz").rename(tmp_path / "cifar10-32x32")
+    loaded = metrics.load_reference(tmp_path / "cifar10-32x32")["fid"]
+    assert np.array_equal(loaded["mu"], mu) and np.array_equal(loaded["sigma"], sigma)
+    (tmp_path / "junk").write_text("not statistics")
+    with pytest.raises(ValueError, match="junk"):
+        metrics.load_reference(tmp_path / "junk")

@@ -11,7 +11,6 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +19,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch_fidelity import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from sidcore.atomic import atomic_path
 
 EXTRACTOR_NAME = "sidcore-digits"
 CHECKPOINT_KIND = "digitnet"
@@ -126,14 +127,11 @@ def train_digit_classifier(
 
 
 def save_digit_classifier(net: DigitNet, test_accuracy: float, path: str | os.PathLike) -> None:
-    """Write the classifier checkpoint atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write the classifier checkpoint atomically."""
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    torch.save({"kind": CHECKPOINT_KIND, "state_dict": state,
-                "test_accuracy": float(test_accuracy), "feature_dim": FEATURE_DIM}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"kind": CHECKPOINT_KIND, "state_dict": state, "test_accuracy": float(test_accuracy),
+                    "feature_dim": FEATURE_DIM}, tmp)
 
 
 def load_digit_classifier(path: str | os.PathLike) -> tuple[DigitNet, float]:

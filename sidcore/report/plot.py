@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from sidcore.atomic import atomic_path
 
 
 def split_pair(text: str) -> tuple[str, str]:
@@ -77,13 +78,8 @@ def figure(logs: list[tuple[str, Path]], teacher_summary: Path | None,
 
 def save_atomic(fig: Figure, path: Path) -> None:
     """Save ``fig`` in the format given by ``path``'s suffix through a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        fig.savefig(temporary, format=path.suffix.lstrip("."), dpi=150)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=150)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
 
+from sidcore.atomic import write_text
 from sidcore.report import paper
 from sidcore.report.paper import PaperEntry
 
@@ -195,21 +195,10 @@ def to_markdown(frame: pd.DataFrame, title: str) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def run(args: argparse.Namespace) -> int:
     frame = tabulate(args.table, load_summaries(args.summaries, args.table))
-    write_atomic(args.out, frame.to_csv(index=False))
-    write_atomic(args.out.with_suffix(".md"), to_markdown(frame, f"Table {args.table}"))
+    write_text(args.out, frame.to_csv(index=False))
+    write_text(args.out.with_suffix(".md"), to_markdown(frame, f"Table {args.table}"))
     return 0
 
 

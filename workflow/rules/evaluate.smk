@@ -1,8 +1,7 @@
-# The papers' protocol: `evaluation.runs` independent runs per model, then mean ± std.
+# The papers' protocol: `evaluation.runs` independent runs per model (one file each), then mean ± std.
+# One job evaluates all runs of a model, so the detector and reference statistics are loaded once.
 
-
-def n_runs(dataset):
-    return {**config["evaluation"], **DATASETS[dataset].get("evaluation", {})}["runs"]
+RUNS = expand("run{run}.json", run=range(config["evaluation"]["runs"]))
 
 
 rule evaluate_generator:
@@ -10,14 +9,15 @@ rule evaluate_generator:
         unpack(eval_inputs),
         model="results/{dataset}/{method}/alpha{alpha}/generator.pt",
     output:
-        "results/{dataset}/{method}/alpha{alpha}/eval/run{run}.json",
+        [f"results/{{dataset}}/{{method}}/alpha{{alpha}}/eval/{r}" for r in RUNS],
     params:
         settings=lambda w: settings(w.dataset, w.method, w.alpha),
+        outdir=lambda w: f"{run_dir(w.dataset, w.method, w.alpha)}/eval",
     log:
-        "logs/evaluate/{dataset}-{method}-alpha{alpha}-run{run}.log",
+        "logs/evaluate/{dataset}-{method}-alpha{alpha}.log",
     shell:
         "sidcore evaluate --settings {params.settings:q} --kind generator --model {input.model} --data {input.data}"
-        " --refs {input.refs} --detector-weights {input.detector} --run {wildcards.run} --out {output} > {log} 2>&1"
+        " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} > {log} 2>&1"
 
 
 rule evaluate_teacher:
@@ -25,19 +25,20 @@ rule evaluate_teacher:
         unpack(eval_inputs),
         model=teacher_file,
     output:
-        "results/{dataset}/teacher/eval/run{run}.json",
+        [f"results/{{dataset}}/teacher/eval/{r}" for r in RUNS],
     params:
         settings=lambda w: settings(w.dataset),
+        outdir="results/{dataset}/teacher/eval",
     log:
-        "logs/evaluate/{dataset}-teacher-run{run}.log",
+        "logs/evaluate/{dataset}-teacher.log",
     shell:
         "sidcore evaluate --settings {params.settings:q} --kind teacher --model {input.model} --data {input.data}"
-        " --refs {input.refs} --detector-weights {input.detector} --run {wildcards.run} --out {output} > {log} 2>&1"
+        " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} > {log} 2>&1"
 
 
 rule summarize:
     input:
-        lambda w: expand("results/{{dataset}}/{{model}}/eval/run{run}.json", run=range(n_runs(w.dataset))),
+        [f"results/{{dataset}}/{{model}}/eval/{r}" for r in RUNS],
     output:
         "results/{dataset}/{model}/eval/summary.json",
     wildcard_constraints:
