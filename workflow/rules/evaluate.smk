@@ -31,6 +31,7 @@ rule evaluate_teacher:
         outdir="results/{dataset}/teacher/eval",
     log:
         "logs/evaluate/{dataset}-teacher.log",
+    priority: 20  # a long job that only needs the teacher: start it first
     shell:
         "sidcore evaluate --settings {params.settings:q} --kind teacher --model {input.model} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} > {log} 2>&1"
