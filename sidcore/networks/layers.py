@@ -15,10 +15,6 @@ def weight_init(shape: tuple[int, ...], mode: str, fan_in: int, fan_out: int) ->
     """EDM's initialisers (only random layers not overwritten by a teacher depend on these)."""
     if mode == "xavier_uniform":
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
-    if mode == "xavier_normal":
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
-    if mode == "kaiming_uniform":
-        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
     if mode == "kaiming_normal":
         return math.sqrt(1 / fan_in) * torch.randn(*shape)
     raise ValueError(f"unknown init mode {mode!r}")
@@ -47,7 +43,7 @@ class Conv2d(torch.nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
                  down: bool = False, resample_filter: list[int] = (1, 1), fused_resample: bool = False,
                  init_mode: str = "kaiming_normal", init_weight: float = 1, init_bias: float = 0) -> None:
-        assert not (up and down)
+        assert not (up and down) and not (fused_resample and up)
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.up, self.down, self.fused_resample = up, down, fused_resample
@@ -66,11 +62,7 @@ class Conv2d(torch.nn.Module):
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         groups = self.in_channels
-        if self.fused_resample and self.up and w is not None:
-            x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([groups, 1, 1, 1]), groups=groups, stride=2,
-                                                     padding=max(f_pad - w_pad, 0))
-            x = torch.nn.functional.conv2d(x, w, padding=max(w_pad - f_pad, 0))
-        elif self.fused_resample and self.down and w is not None:
+        if self.fused_resample and self.down and w is not None:  # NCSN++'s aux_residual
             x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad)
             x = torch.nn.functional.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
         else:
