@@ -7,7 +7,6 @@ Teachers converted from NVIDIA pickles, teachers trained here, and distilled gen
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -43,15 +42,22 @@ def network_snapshot(net: EDMPrecond, network: dict, **meta: Any) -> dict:
     return {"format": SNAPSHOT_FORMAT, "network": copy.deepcopy(network), "state_dict": state, "meta": meta}
 
 
-def load_network(path: str | os.PathLike, **overrides: Any) -> tuple[EDMPrecond, dict]:
-    """Rebuild the network of a snapshot file, loading every weight strictly.
+def load_snapshot(path: str | os.PathLike) -> dict:
+    """Read a network snapshot file (see the module docstring)."""
+    snap = load(path)
+    if snap.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"{path}: not a sidcore network snapshot (format={snap.get('format')!r})")
+    return snap
+
+
+def load_network(path: str | os.PathLike, snap: dict | None = None, **overrides: Any) -> tuple[EDMPrecond, dict]:
+    """Rebuild the network of a snapshot file (or of ``snap``, already read from it), loading every weight
+    strictly.
 
     ``overrides`` change constructor settings that are not weights (e.g. ``dropout``, ``use_fp16``).
     Returns the network and the snapshot's ``network`` settings (with the overrides applied).
     """
-    snap = load(path)
-    if snap.get("format") != SNAPSHOT_FORMAT:
-        raise ValueError(f"{path}: not a sidcore network snapshot (format={snap.get('format')!r})")
+    snap = snap if snap is not None else load_snapshot(path)
     network = {**snap["network"], **overrides}
     net = build_network(**network)
     try:
@@ -59,11 +65,3 @@ def load_network(path: str | os.PathLike, **overrides: Any) -> tuple[EDMPrecond,
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match the network settings {network}: {e}") from e
     return net, network
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -66,7 +66,8 @@ def distill(args: argparse.Namespace) -> int:
                          f"but --init was {'not ' if args.init is None else ''}given")
     d = settings["distill"]
     distiller = Distiller(settings, args.teacher, args.data, args.outdir, init_path=args.init)
-    evaluator = Evaluator.from_settings(settings, args.data, args.refs, args.detector_weights, distiller.device)
+    evaluator = Evaluator.from_settings(settings, distiller.dataset, args.refs, args.detector_weights,
+                                        distiller.device)
     seed = run_seed(settings["evaluation"]["seed"], -1)
     batch = settings["evaluation"]["batch"]
 

@@ -42,6 +42,13 @@ def ema_beta(cur_nimg: int, batch: int, halflife_kimg: float, rampup: float | No
     return 0.5 ** (batch / max(h, 1e-8))
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """θ_ema ← β·θ_ema + (1 − β)·θ over parameters (buffers are constant in these networks)."""
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.copy_(p.detach().lerp(p_ema, beta))
+
+
 def sanitize_grads(net: torch.nn.Module, clip: float | None) -> None:
     """NaN → 0, ±inf → ±1e5 in every gradient; optionally clip gradient values to ±clip."""
     for p in net.parameters():
@@ -178,11 +185,9 @@ class Distiller:
         self.opt_G.zero_grad(set_to_none=True)
         return stats
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         beta = ema_beta(self.cur_nimg, self.d["batch"], self.d["ema_halflife_kimg"], self.d["ema_rampup"])
-        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-            p_ema.copy_(p.detach().lerp(p_ema, beta))
+        update_ema(self.G_ema, self.G, beta)
 
     # ------------------------------------------------------------------------------------------
     def run(self, evaluate: EvaluateFn, log: Callable[[str], None] = print) -> None:

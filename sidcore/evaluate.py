@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 import torch
 
 from sidcore import checkpoint
-from sidcore.dataset import read_image_zip
+from sidcore.dataset import ImageDataset, read_image_zip
+from sidcore.download import sha256_file
 from sidcore.metrics import FeatureAccumulator, create_detector, frechet_distance, load_reference
 from sidcore.sampling import LabelSampler, heun, noise, one_step, to_uint8
 
@@ -40,13 +41,13 @@ class Evaluator:
     device: torch.device
 
     @classmethod
-    def from_settings(cls, settings: dict, data: str, refs: str, detector_weights: str,
+    def from_settings(cls, settings: dict, dataset: ImageDataset, refs: str, detector_weights: str,
                       device: torch.device) -> "Evaluator":
-        ds = read_image_zip(data)
+        """``dataset`` supplies the label distribution."""
         shape = (settings["channels"], settings["resolution"], settings["resolution"])
         detector = create_detector(settings["detector"]["name"], detector_weights, device)
-        return cls(detector, load_reference(refs),
-                   LabelSampler(ds.labels, ds.label_dim), shape, list(settings["metrics"]), device)
+        return cls(detector, load_reference(refs), LabelSampler(dataset.labels, dataset.label_dim), shape,
+                   list(settings["metrics"]), device)
 
     @torch.no_grad()
     def __call__(self, sample: SampleFn, num_images: int, batch: int, seed: int) -> dict:
@@ -84,8 +85,9 @@ def evaluate_runs(settings: dict, model: str, kind: str, data: str, refs: str, d
     """Evaluation runs 0 … runs−1 of a distilled generator (``kind='generator'``) or a teacher (``'teacher'``)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ev = settings["evaluation"]
-    evaluator = Evaluator.from_settings(settings, data, refs, detector_weights, device)
-    net, _ = checkpoint.load_network(model)
+    evaluator = Evaluator.from_settings(settings, read_image_zip(data), refs, detector_weights, device)
+    snap = checkpoint.load_snapshot(model)
+    net, _ = checkpoint.load_network(model, snap)
     net.to(device).eval().requires_grad_(False)
     if kind == "generator":
         sample, nfe = generator_sampler(net, settings["distill"]["init_sigma"]), 1
@@ -94,9 +96,9 @@ def evaluate_runs(settings: dict, model: str, kind: str, data: str, refs: str, d
         sample, nfe = teacher_sampler(net, num_steps), 2 * num_steps - 1
     common = {"dataset": settings["dataset"], "size": settings.get("size"),
               "method": settings.get("method", "teacher"), "alpha": settings.get("alpha"),
-              "num_images": ev["num_images"], "nfe": nfe, "kimg": checkpoint.load(model)["meta"].get("kimg"),
-              "detector": settings["detector"]["name"], "model_sha256": checkpoint.sha256_file(model),
-              "refs_sha256": checkpoint.sha256_file(refs)}
+              "num_images": ev["num_images"], "nfe": nfe, "kimg": snap["meta"].get("kimg"),
+              "detector": settings["detector"]["name"], "model_sha256": sha256_file(model),
+              "refs_sha256": sha256_file(refs)}
     for run in range(runs):
         seed = run_seed(ev["seed"], run)
         values = evaluator(sample, ev["num_images"], ev["batch"], seed)

@@ -13,7 +13,7 @@ import torch
 
 from sidcore import checkpoint
 from sidcore.dataset import InfiniteSampler, read_image_zip
-from sidcore.distill import ema_beta
+from sidcore.distill import ema_beta, update_ema
 from sidcore.losses import edm_weight, sample_sigma_lognormal
 from sidcore.networks.precond import build_network, count_parameters
 from sidcore.settings import network_settings
@@ -46,10 +46,7 @@ def train_teacher(settings: dict, data_path: str, out_path: str, log=print) -> N
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            beta = ema_beta(nimg, t["batch"], t["ema_halflife_kimg"], rampup=0.05)
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p.detach().lerp(p_ema, beta))
+        update_ema(ema, net, ema_beta(nimg, t["batch"], t["ema_halflife_kimg"], rampup=0.05))
         nimg += t["batch"]
         if nimg >= next_report or nimg >= total:
             rate = (time.time() - start) / (nimg / 1000)

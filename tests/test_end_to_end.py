@@ -1,6 +1,7 @@
 """The whole tiny experiment through Snakemake and the real sidcore commands, shortened."""
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,8 +30,9 @@ def test_tiny_experiment_end_to_end(tmp_path):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
     (tmp_path / "short.yaml").write_text(SHORT)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # `sidcore`
     r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "short.yaml"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=1500, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
     with open(tmp_path / "results/tables/tiny.csv") as f:
