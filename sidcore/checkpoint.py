@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sidcore.atomic import atomic_path
-from sidcore.networks.precond import EDMPrecond, build_network
+from sidcore.networks import build_network
 
 SNAPSHOT_FORMAT = "sidcore-network"
 
@@ -36,7 +36,7 @@ def load(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a readable sidcore checkpoint ({e})") from e
 
 
-def network_snapshot(net: EDMPrecond, network: dict, **meta: Any) -> dict:
+def network_snapshot(net: torch.nn.Module, network: dict, **meta: Any) -> dict:
     """Snapshot of ``net`` (CPU float32 copy) built from constructor settings ``network``."""
     state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in net.state_dict().items()}
     return {"format": SNAPSHOT_FORMAT, "network": copy.deepcopy(network), "state_dict": state, "meta": meta}
@@ -50,7 +50,7 @@ def load_snapshot(path: str | os.PathLike) -> dict:
     return snap
 
 
-def load_network(path: str | os.PathLike, snap: dict | None = None, **overrides: Any) -> tuple[EDMPrecond, dict]:
+def load_network(path: str | os.PathLike, snap: dict | None = None, **overrides: Any) -> tuple[torch.nn.Module, dict]:
     """Rebuild the network of a snapshot file (or of ``snap``, already read from it), loading every weight
     strictly.
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
     "prepare-data": "sidcore.commands",
     "train-teacher": "sidcore.commands",
-    "convert-network": "sidcore.commands",
+    "convert-network": "sidcore.persistence",
     "distill": "sidcore.commands",
     "evaluate": "sidcore.commands",
     "summarize": "sidcore.summary",
@@ -25,8 +26,16 @@ COMMANDS = {
 }
 
 
+# Only `download` may use the network; every other command reads local files. These switches keep the
+# libraries that could fetch on their own (Hugging Face hub / diffusers, torch.hub) offline.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "DIFFUSERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "download":
+        os.environ.update(OFFLINE_ENV)
     parser = argparse.ArgumentParser(prog="sidcore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = [COMMANDS[argv[0]]] if argv and argv[0] in COMMANDS else list(dict.fromkeys(COMMANDS.values()))

@@ -1,4 +1,4 @@
-"""Pipeline-stage commands: prepare-data, train-teacher, convert-network, distill, evaluate.
+"""Pipeline-stage commands: prepare-data, train-teacher, distill, evaluate.
 
 Each takes the job's resolved settings (``--settings`` JSON, see ``sidcore.settings``) and explicit
 input and output paths, so the workflow states every file a job reads and writes.
@@ -22,38 +22,51 @@ def _log(msg: str) -> None:
 
 
 def prepare_data(args: argparse.Namespace) -> int:
+    from sidcore import prepare
+    from sidcore.dataset import link_image_zip, write_image_zip
     settings = _settings(args)
     data = settings["data"]
     key = f"datasets.{settings['dataset']}.data"
-    if data["source"] == "sklearn-digits":
+    source = data["source"]
+    if source in ("edm-zip", "image-folder", "vae-latents") and "path" not in data:
+        raise ValueError(f"{key}.path: required for source {source}")
+    if source == "sklearn-digits":
         from sklearn.datasets import load_digits
-        from sidcore.dataset import write_image_zip
         digits = load_digits()
         images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]  # 0..16 → 0..255, [N, 1, 8, 8]
         write_image_zip(args.out, images, digits.target)
         _log(f"{len(images)} digits ({images.shape[-1]}x{images.shape[-1]}, 10 classes) -> {args.out}")
-    elif data["source"] == "edm-zip":
-        from sidcore.dataset import link_image_zip
-        if "path" not in data:
-            raise ValueError(f"{key}.path: the EDM-layout zip to use is not set")
+    elif source == "edm-zip":
         n = link_image_zip(data["path"], args.out)
-        _log(f"{data['path']}: {n} images -> {args.out}")
+        _log(f"{data['path']}: {n} items -> {args.out}")
+    elif source == "cifar10-archive":
+        prepare.cifar10_from_archive(_required(args, "archive", source), args.out, log=_log)
+    elif source == "image-folder":
+        prepare.images_from_folder(data["path"], args.out, settings["resolution"], data["transform"], data["labels"],
+                                   log=_log)
+    elif source == "vae-latents":
+        import torch
+        from sidcore.latent import StabilityVAE
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        vae = StabilityVAE(_required(args, "vae", source), device)
+        prepare.latents_from_folder(data["path"], args.out, vae.encode, settings["latent"]["resolution"],
+                                    data["labels"], transform=data["transform"], log=_log)
     else:
-        raise NotImplementedError(f"{key}.source={data['source']!r}: preparing this dataset is not available "
-                                  "in this version of sidcore; set source: edm-zip and point path at a zip made "
-                                  "with EDM's dataset_tool")
+        raise ValueError(f"{key}.source={source!r} is not a known data source")
     return 0
+
+
+def _required(args: argparse.Namespace, name: str, source: str) -> str:
+    value = getattr(args, name)
+    if value is None:
+        raise ValueError(f"prepare-data: data source {source} needs --{name}")
+    return value
 
 
 def train_teacher(args: argparse.Namespace) -> int:
     from sidcore.teacher import train_teacher as train
     train(_settings(args), args.data, args.out, log=_log)
     return 0
-
-
-def convert_network(args: argparse.Namespace) -> int:
-    raise NotImplementedError(f"{args.src}: converting NVIDIA persistence pickles into sidcore snapshots is not "
-                              "available in this version of sidcore")
 
 
 def distill(args: argparse.Namespace) -> int:
@@ -65,9 +78,9 @@ def distill(args: argparse.Namespace) -> int:
         raise ValueError(f"datasets.{settings['dataset']}.methods.{settings['method']}.init={settings['init']!r} "
                          f"but --init was {'not ' if args.init is None else ''}given")
     d = settings["distill"]
-    distiller = Distiller(settings, args.teacher, args.data, args.outdir, init_path=args.init)
+    distiller = Distiller(settings, args.teacher, args.data, args.outdir, init_path=args.init, vae_path=args.vae)
     evaluator = Evaluator.from_settings(settings, distiller.dataset, args.refs, args.detector_weights,
-                                        distiller.device)
+                                        distiller.device, distiller.vae)
     seed = run_seed(settings["evaluation"]["seed"], -1)
     batch = settings["evaluation"]["batch"]
 
@@ -83,7 +96,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from sidcore.summary import write_json
     settings = _settings(args)
     for result in evaluate_runs(settings, args.model, args.kind, args.data, args.refs, args.detector_weights,
-                                settings["evaluation"]["runs"]):
+                                settings["evaluation"]["runs"], vae=args.vae):
         write_json(result, Path(args.outdir) / f"run{result['run']}.json")
         _log(f"run {result['run']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
     return 0
@@ -98,25 +111,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = add("prepare-data", prepare_data, "build a dataset zip in EDM's layout")
     p.add_argument("--out", required=True)
+    p.add_argument("--archive", help="the downloaded archive (cifar10-archive)")
+    p.add_argument("--vae", help="VAE directory (vae-latents)")
 
     p = add("train-teacher", train_teacher, "train an EDM teacher with EDM's loss")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
 
-    p = subparsers.add_parser("convert-network", help="NVIDIA network pickle -> sidcore network snapshot")
-    p.add_argument("--src", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=convert_network)
-
     p = add("distill", distill, "SiD / SiDA / SiD²A distillation (resumes from --outdir)")
     for flag in ("--teacher", "--data", "--refs", "--detector-weights", "--outdir"):
         p.add_argument(flag, required=True)
     p.add_argument("--init", help="SiD²A: generator snapshot to start from")
+    add_model_inputs(p)
 
     p = add("evaluate", evaluate, "the evaluation runs of a generator or teacher (writes OUTDIR/run{r}.json)")
     for flag in ("--model", "--data", "--refs", "--detector-weights", "--outdir"):
         p.add_argument(flag, required=True)
     p.add_argument("--kind", choices=("generator", "teacher"), required=True)
+    add_model_inputs(p)
+
+
+def add_model_inputs(p: argparse.ArgumentParser) -> None:
+    """Inputs of latent-space datasets and of extra metrics, given where configured."""
+    p.add_argument("--vae", help="VAE directory (diffusers layout) of a latent-space dataset")
+    p.add_argument("--dinov2-weights", help="DINOv2 ViT-L/14 weights for FD_DINOv2")
 
 
 

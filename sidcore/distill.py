@@ -24,8 +24,12 @@ from PIL import Image
 from sidcore import checkpoint
 from sidcore.atomic import atomic_path
 from sidcore.dataset import InfiniteSampler, read_image_zip
+from sidcore.latent import load_vae
 from sidcore.losses import SiDLoss
-from sidcore.sampling import image_grid, one_step, to_uint8
+from sidcore.networks.edm2 import force_weight_normalization_
+from sidcore.networks import build_network
+from sidcore.sampling import image_grid, one_step, to_pixels
+from sidcore.settings import generator_settings
 
 EvaluateFn = Callable[[torch.nn.Module], dict]
 
@@ -73,7 +77,7 @@ class Distiller:
     """Networks, optimisers, data stream and bookkeeping of one distillation run."""
 
     def __init__(self, settings: dict, teacher_path: str, data_path: str, outdir: str,
-                 init_path: str | None = None, device: torch.device | None = None) -> None:
+                 init_path: str | None = None, device: torch.device | None = None, vae_path: str | None = None) -> None:
         d = settings["distill"]
         if d["augment"] > 0:
             raise NotImplementedError(
@@ -85,23 +89,33 @@ class Distiller:
         self.rank, self.world_size = 0, 1
         torch.manual_seed(d["seed"] * self.world_size + self.rank)
 
-        self.dataset = read_image_zip(data_path)
+        self.dataset = read_image_zip(data_path, use_labels=settings["label_dim"] > 0)
         self.check_dataset(settings)
+        self.vae = load_vae(settings, vae_path, self.device)
         overrides = dict(dropout=d["dropout"], use_fp16=d["fp16"])
-        teacher, self.network = checkpoint.load_network(teacher_path, **overrides)
+        teacher, network = checkpoint.load_network(teacher_path, **overrides)
+        if d.get("return_logvar") and not network.get("logvar"):
+            raise ValueError(f"datasets.{settings['dataset']}.distill.return_logvar: the teacher {teacher_path} "
+                             "has no log-variance head")
         self.true_score = teacher.to(self.device).eval().requires_grad_(False)
         self.fake_score = copy.deepcopy(self.true_score)
+        self.network = generator_settings(network)
         if init_path is not None:  # SiD²A: the generator starts from a distilled SiD generator
             self.G, _ = checkpoint.load_network(init_path, **overrides)
-            self.G.to(self.device).eval().requires_grad_(False)
-        else:
-            self.G = copy.deepcopy(self.true_score)
+        else:  # G starts as the teacher (without the teacher-only log-variance head)
+            self.G = build_network(**self.network)
+            self.G.load_state_dict({k: v for k, v in teacher.state_dict().items() if k in self.G.state_dict()})
+        self.G.to(self.device).eval().requires_grad_(False)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        # EDM2's forced weight normalisation, once per optimiser step (SiDA may switch it off).
+        self.force_normalization = network.get("arch") == "edm2" and (
+            d.get("force_normalization", True) or not settings["adversarial"])
 
         eps = adam_eps(d["fp16"])
         self.opt_psi = torch.optim.Adam(self.fake_score.parameters(), lr=d["lr"], betas=(0.0, 0.999), eps=eps)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=d["glr"], betas=(d["g_beta1"], 0.999), eps=eps)
-        self.loss = SiDLoss(alpha=settings["alpha"], tmax=d["tmax"], P_mean=d["P_mean"], P_std=d["P_std"])
+        self.loss = SiDLoss(alpha=settings["alpha"], tmax=d["tmax"], P_mean=d["P_mean"], P_std=d["P_std"],
+                            logvar=bool(d.get("return_logvar", False)))
         self.sampler = InfiniteSampler(len(self.dataset), seed=d["seed"], rank=self.rank,
                                        world_size=self.world_size)
         self.batch_total, self.rounds = batch_arithmetic(d["batch"], d["batch_gpu"], self.world_size)
@@ -140,6 +154,8 @@ class Distiller:
     def fake_score_step(self) -> dict:
         d, B = self.d, self.batch_total
         self.fake_score.train().requires_grad_(True)
+        if self.force_normalization:
+            force_weight_normalization_(self.fake_score)
         stats = {}
         for _ in range(self.rounds):
             labels, x_real, z = self.draw()
@@ -165,6 +181,8 @@ class Distiller:
         d, B = self.d, self.batch_total
         chw = self.shape[0] * self.shape[1] * self.shape[2]
         self.G.train().requires_grad_(True)
+        if self.force_normalization:
+            force_weight_normalization_(self.G)
         stats = {}
         for _ in range(self.rounds):
             labels, _, z = self.draw()  # a fresh dataset draw, as the official loop
@@ -242,7 +260,7 @@ class Distiller:
     def save_grid(self) -> None:
         labels = self.dataset.one_hot(self.grid_idx).to(self.device)
         x = one_step(self.G_ema, self.grid_z.to(self.device), labels, self.d["init_sigma"])
-        grid = image_grid(to_uint8(x), rows=8)
+        grid = image_grid(to_pixels(x, self.vae), rows=8)
         img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
         with atomic_path(self.outdir / f"fakes-{self.cur_nimg // 1000:06d}.png") as tmp:
             img.save(tmp)

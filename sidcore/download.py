@@ -3,8 +3,9 @@
 A download is written to ``<out>.part``; an interrupted transfer is resumed with an HTTP Range
 request, and transient failures (connection errors, time-outs, 5xx, 429) are retried with
 exponential back-off. The file is renamed to ``out`` only after its sha256 matches the expected
-digest: the registry's published one, else the one pinned in the lock file on first download.
-So ``out`` exists only as a complete, verified file.
+digest: the registry's, else the one pinned in the lock file on first download. A digest the server
+publishes with the file (Hugging Face's ``X-Linked-Etag`` for LFS files, sent with the redirect to
+the storage backend) is checked as well. So ``out`` exists only as a complete, verified file.
 
 Lock file: JSON ``{key or url: {"sha256": ..., "size": ..., "url": ...}}``, rewritten atomically.
 """
@@ -84,13 +85,17 @@ def fetch(
     part = out.with_name(out.name + ".part")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _download(art.url, part, label, retries=retries, timeout=timeout, backoff=backoff, chunk=chunk, progress=progress)
+        published = _download(art.url, part, label, retries=retries, timeout=timeout, backoff=backoff, chunk=chunk,
+                               progress=progress)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DownloadError(f"no space left on device while writing {out} (partial data kept in {part})") from exc
         raise
     try:
         digest = _check(art, part, lock_file)
+        if published is not None and digest != published:
+            raise VerificationError(f"sha256 mismatch for {art.url}: the server publishes {published}, got {digest} "
+                                    f"({part})")
     except VerificationError:
         part.unlink()
         raise
@@ -186,14 +191,17 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
 # Transfer.
 
 
-def _download(url: str, part: Path, label: str, *, retries: int, timeout: float, backoff: float, chunk: int, progress: bool) -> None:
-    """Bring ``part`` to the complete content of ``url``, retrying transient failures."""
+def _download(url: str, part: Path, label: str, *, retries: int, timeout: float, backoff: float, chunk: int,
+              progress: bool) -> str | None:
+    """Bring ``part`` to the complete content of ``url``, retrying transient failures.
+
+    Returns the sha256 the server published for the file, if any.
+    """
     failures = 0
     while True:
         before = _size(part)
         try:
-            _transfer(url, part, label, timeout=timeout, chunk=chunk, progress=progress)
-            return
+            return _transfer(url, part, label, timeout=timeout, chunk=chunk, progress=progress)
         except urllib.error.HTTPError as exc:
             if exc.code != 429 and exc.code < 500:
                 raise DownloadError(f"HTTP {exc.code} {exc.reason} for {url}") from None
@@ -208,14 +216,38 @@ def _download(url: str, part: Path, label: str, *, retries: int, timeout: float,
         time.sleep(delay)
 
 
-def _transfer(url: str, part: Path, label: str, *, timeout: float, chunk: int, progress: bool) -> None:
-    """One request: resume ``part`` from its current size (or restart) and read to the end."""
+class _DigestRecorder(urllib.request.HTTPRedirectHandler):
+    """Follows redirects like the default handler, keeping a sha256 published in any response's headers."""
+
+    def __init__(self) -> None:
+        self.published: str | None = None
+
+    def note(self, headers) -> None:
+        match = _SHA256_ETAG.fullmatch((headers.get("X-Linked-Etag") or "").strip())
+        if match:
+            self.published = match.group(1).lower()
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.note(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_SHA256_ETAG = re.compile(r'(?:W/)?"?([0-9a-fA-F]{64})"?')
+
+
+def _transfer(url: str, part: Path, label: str, *, timeout: float, chunk: int, progress: bool) -> str | None:
+    """One request: resume ``part`` from its current size (or restart) and read to the end.
+
+    Returns the sha256 published by the server, if any.
+    """
     offset = _size(part)
     headers = {"User-Agent": USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+    recorder = _DigestRecorder()
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        response = urllib.request.build_opener(recorder).open(urllib.request.Request(url, headers=headers),
+                                                              timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code != 416 or not offset:
             raise
@@ -242,6 +274,8 @@ def _transfer(url: str, part: Path, label: str, *, timeout: float, chunk: int, p
     if total is not None and _size(part) != total:
         raise http.client.IncompleteRead(b"", total - _size(part))
     meter.finish()
+    recorder.note(response.headers)
+    return recorder.published
 
 
 def _range_start(content_range: str | None) -> int | None:

@@ -15,7 +15,8 @@ from sidcore import checkpoint
 from sidcore.dataset import ImageDataset, read_image_zip
 from sidcore.download import sha256_file
 from sidcore.metrics import FeatureAccumulator, create_detector, frechet_distance, load_reference
-from sidcore.sampling import LabelSampler, heun, noise, one_step, to_uint8
+from sidcore.latent import StabilityVAE, load_vae
+from sidcore.sampling import LabelSampler, heun, noise, one_step, to_pixels
 
 RANK_STRIDE = 1 << 16  # ranks per run: seeds of run r occupy [base + r·2^16, base + (r+1)·2^16)
 
@@ -39,15 +40,16 @@ class Evaluator:
     shape: tuple[int, int, int]
     metrics: list[str]
     device: torch.device
+    vae: StabilityVAE | None = None  # decodes latent-space samples to pixels
 
     @classmethod
     def from_settings(cls, settings: dict, dataset: ImageDataset, refs: str, detector_weights: str,
-                      device: torch.device) -> "Evaluator":
+                      device: torch.device, vae: StabilityVAE | None = None) -> "Evaluator":
         """``dataset`` supplies the label distribution."""
         shape = (settings["channels"], settings["resolution"], settings["resolution"])
         detector = create_detector(settings["detector"]["name"], detector_weights, device)
         return cls(detector, load_reference(refs), LabelSampler(dataset.labels, dataset.label_dim), shape,
-                   list(settings["metrics"]), device)
+                   list(settings["metrics"]), device, vae)
 
     @torch.no_grad()
     def __call__(self, sample: SampleFn, num_images: int, batch: int, seed: int) -> dict:
@@ -59,7 +61,7 @@ class Evaluator:
             n = min(batch, num_images - done)
             labels = self.labels(n, gen, self.device)
             z = noise(n, self.shape, gen, self.device)
-            acc.add(to_uint8(sample(z, labels)))
+            acc.add(to_pixels(sample(z, labels), self.vae))
             done += n
         out = {}
         if "fid" in self.metrics:
@@ -81,11 +83,16 @@ def teacher_sampler(net: torch.nn.Module, num_steps: int) -> SampleFn:
 
 
 def evaluate_runs(settings: dict, model: str, kind: str, data: str, refs: str, detector_weights: str,
-                  runs: int) -> Iterator[dict]:
-    """Evaluation runs 0 … runs−1 of a distilled generator (``kind='generator'``) or a teacher (``'teacher'``)."""
+                  runs: int, vae: str | None = None) -> Iterator[dict]:
+    """Evaluation runs 0 … runs−1 of a distilled generator (``kind='generator'``) or a teacher (``'teacher'``).
+
+    ``vae`` is the VAE directory of a latent-space dataset.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ev = settings["evaluation"]
-    evaluator = Evaluator.from_settings(settings, read_image_zip(data), refs, detector_weights, device)
+    dataset = read_image_zip(data, use_labels=settings["label_dim"] > 0)
+    evaluator = Evaluator.from_settings(settings, dataset, refs, detector_weights, device,
+                                        load_vae(settings, vae, device))
     snap = checkpoint.load_snapshot(model)
     net, _ = checkpoint.load_network(model, snap)
     net.to(device).eval().requires_grad_(False)

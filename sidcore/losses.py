@@ -69,21 +69,35 @@ def discriminator_bce(logit_real: torch.Tensor, logit_fake: torch.Tensor) -> tor
 
 @dataclass
 class SiDLoss:
-    """The three losses of one SiD / SiDA iteration, with the settings of config.yaml's ``distill`` block."""
+    """The three losses of one SiD / SiDA iteration, with the settings of config.yaml's ``distill`` block.
+
+    With ``logvar`` (EDM2's ``return_logvar``) every loss is divided by e^{u(σ)}, u being the fake
+    score's learned log-variance at the sample's σ, and the fake-score loss adds u per pixel (EDM2's
+    uncertainty weighting). u depends on σ only, so it opens no gradient path to the generator.
+    """
 
     alpha: float
     tmax: int = 800
     P_mean: float = -1.2
     P_std: float = 1.2
     sigma_data: float = 0.5
+    logvar: bool = False
+
+    def call_fake(self, fake_score, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor,
+                  return_flag: str = "decoder"):
+        """fake_score(x; σ) in the given mode, and u(σ) (zeros without the log-variance weighting)."""
+        if not self.logvar:
+            return fake_score(x, sigma, labels, augment_labels=None, return_flag=return_flag), torch.zeros_like(sigma)
+        *out, u = fake_score(x, sigma, labels, augment_labels=None, return_flag=return_flag, return_logvar=True)
+        return (out[0] if len(out) == 1 else tuple(out)), u
 
     def fake_score(self, fake_score, x_g: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Eq. (5): Σ_pixels λ(σ)(f_ψ(x_g + σε) − x_g)², x_g without gradient."""
         sigma = sample_sigma_lognormal(x_g.shape[0], self.P_mean, self.P_std, x_g.device)
         y = x_g
-        f_psi = fake_score(y + sigma * torch.randn_like(y), sigma, labels, augment_labels=None)
+        f_psi, u = self.call_fake(fake_score, y + sigma * torch.randn_like(y), sigma, labels)
         keep = nan_free(y, f_psi)
-        loss = edm_weight(sigma, self.sigma_data) * (f_psi - y) ** 2
+        loss = edm_weight(sigma, self.sigma_data) / u.exp() * (f_psi - y) ** 2 + u
         return loss[keep].flatten(1).sum(dim=1)
 
     def fake_score_discriminator(self, fake_score, x_g: torch.Tensor, x_real: torch.Tensor,
@@ -96,12 +110,11 @@ class SiDLoss:
         sigma = sample_sigma_lognormal(x_g.shape[0], self.P_mean, self.P_std, x_g.device)
         noise = sigma * torch.randn_like(x_g)
         y = x_g
-        f_psi, logit_fake = fake_score(y + noise, sigma, labels, augment_labels=None,
-                                       return_flag="encoder_decoder")
-        logit_real = fake_score(x_real + noise, sigma, labels, augment_labels=None, return_flag="encoder")
+        (f_psi, logit_fake), u = self.call_fake(fake_score, y + noise, sigma, labels, "encoder_decoder")
+        logit_real, _ = self.call_fake(fake_score, x_real + noise, sigma, labels, "encoder")
         keep = nan_free(y, f_psi, logit_fake, logit_real)
-        weight = edm_weight(sigma, self.sigma_data)
-        loss_psi = (weight * (f_psi - y) ** 2)[keep].flatten(1).sum(dim=1)
+        weight = edm_weight(sigma, self.sigma_data) / u.exp()
+        loss_psi = (weight * (f_psi - y) ** 2 + u)[keep].flatten(1).sum(dim=1)
         loss_D = (weight * discriminator_bce(logit_real, logit_fake))[keep].flatten(1).sum(dim=1)
         return loss_psi, loss_D
 
@@ -115,13 +128,14 @@ class SiDLoss:
         x_t = x_g + sigma * torch.randn_like(x_g)
         f_phi = true_score(x_t, sigma, labels, augment_labels=None)
         if adversarial:
-            f_psi, logits = fake_score(x_t, sigma, labels, augment_labels=None, return_flag="encoder_decoder")
+            (f_psi, logits), u = self.call_fake(fake_score, x_t, sigma, labels, "encoder_decoder")
         else:
-            f_psi, logits = fake_score(x_t, sigma, labels, augment_labels=None), None
+            (f_psi, u), logits = self.call_fake(fake_score, x_t, sigma, labels), None
         keep = nan_free(x_g, f_phi, f_psi)
-        loss_sid = sid_objective(x_g[keep], f_phi[keep], f_psi[keep], self.alpha)
+        scale = (-u[keep]).exp().flatten()  # 1 / e^{u(σ_i)}
+        loss_sid = sid_objective(x_g[keep], f_phi[keep], f_psi[keep], self.alpha) * scale
         if logits is None:
             return loss_sid, None
         b = generator_fakeness(logits)  # pooled over the whole micro-batch, NaN samples included
-        loss_gan = (b / weight_factor(x_g[keep], f_phi[keep])).flatten()
+        loss_gan = (b / weight_factor(x_g[keep], f_phi[keep])).flatten() * scale
         return loss_sid, loss_gan

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metri
 from torch_fidelity.utils import create_feature_extractor
 
 from sidcore.atomic import atomic_path
+from sidcore.safe_pickle import RestrictedUnpickler
 import sidcore.detectors.digits  # noqa: F401  (registers the "sidcore-digits" extractor)
 
 Stats = dict[str, np.ndarray]  # {"mu": [D] float64, "sigma": [D, D] float64}
@@ -118,50 +118,16 @@ def frechet_distance(stats_a: dict, stats_b: dict) -> float:
     return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
 
 
-def reference_from_dataset(images: torch.Tensor, detector: FeatureExtractorBase, batch: int = 256) -> Stats:
-    """FID statistics (unbiased covariance, like EDM's reference files) of all uint8 images [N, C, H, W]."""
+def reference_from_batches(batches: Iterable[torch.Tensor], detector: FeatureExtractorBase) -> Stats:
+    """FID statistics (unbiased covariance, like EDM's reference files) of uint8 image batches [B, C, H, W]."""
     acc = FeatureAccumulator(detector)
-    for start in range(0, len(images), batch):
-        acc.add(images[start:start + batch])
+    for images in batches:
+        acc.add(images)
     return acc.fid_statistics()
 
 
 # ------------------------------------------------------------------------------------------------
 # Reference statistics files.
-
-def _numpy_array_globals() -> dict[tuple[str, str], object]:
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray, numeric
-    import _codecs
-
-    table: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                            ("_codecs", "encode"): _codecs.encode}
-    for package in ("numpy.core", "numpy._core"):
-        table[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        table[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        table[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
-    for container in (dict, list, tuple, set, frozenset):
-        table[("builtins", container.__name__)] = container
-    return table
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that reconstructs numpy arrays and plain containers and refuses every other global."""
-
-    allowed = _numpy_array_globals()
-
-    def __init__(self, file: BinaryIO, path: Path) -> None:
-        super().__init__(file)
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in self.allowed:
-            raise pickle.UnpicklingError(f"{self.path}: refusing to load {module}.{name} "
-                                         f"(only numpy arrays and plain containers are allowed)")
-        return self.allowed[(module, name)]
-
 
 def load_reference(path: str | os.PathLike) -> dict[str, Stats]:
     """Read reference statistics: EDM ``.npz`` -> {"fid"}; EDM2 ``.pkl`` -> {"fid"[, "fd_dinov2"]}.
@@ -181,7 +147,7 @@ def load_reference(path: str | os.PathLike) -> dict[str, Stats]:
             entries = {"fid": {"mu": z["mu"], "sigma": z["sigma"]}}
     elif magic[:1] == b"\x80":  # pickle protocol ≥ 2
         with open(path, "rb") as f:
-            data = _ArrayUnpickler(f, path).load()
+            data = RestrictedUnpickler(f, path).load()
         if not isinstance(data, dict) or not isinstance(data.get("fid"), dict):
             raise ValueError(f"{path}: expected a dict with a 'fid' entry")
         entries = {k: data[k] for k in ("fid", "fd_dinov2") if k in data}
@@ -206,7 +172,7 @@ def _ref_stats(args: argparse.Namespace) -> int:
     data = read_image_zip(args.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     detector = create_detector(args.detector, args.detector_weights, device)
-    stats = reference_from_dataset(data.images, detector, args.batch)
+    stats = reference_from_batches(data.batches(args.batch), detector)
     save_reference(args.out, stats["mu"], stats["sigma"])
     print(f"{len(data)} images, {stats['mu'].size}-d {args.detector} features -> {args.out}")
     return 0

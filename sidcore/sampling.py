@@ -34,6 +34,11 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
+def to_pixels(x: torch.Tensor, vae=None) -> torch.Tensor:
+    """Model outputs to uint8 images: pixels directly, EDM2 latents through the VAE decoder."""
+    return to_uint8(x) if vae is None else vae.decode(x)
+
+
 class LabelSampler:
     """Class labels drawn from the training set's empirical label distribution (one-hot, [B, label_dim])."""
 

@@ -34,6 +34,21 @@ def resolve(config: dict, dataset: str, method: str | None = None, alpha: float 
     return out
 
 
+# What each per-dataset job reads of the settings. Jobs get only these, so that changing, say, a
+# distillation hyper-parameter reruns the distillations and not the data preparation or the teacher.
+STAGE_KEYS = {
+    "prepare": ("dataset", "data", "resolution", "channels", "label_dim", "latent"),
+    "train_teacher": ("dataset", "resolution", "channels", "label_dim", "network", "teacher"),
+    "evaluate_teacher": ("dataset", "size", "resolution", "channels", "label_dim", "network", "latent", "detector",
+                         "metrics", "evaluation", "teacher_eval"),
+}
+
+
+def for_stage(settings: dict, stage: str) -> dict:
+    """The part of ``settings`` a job of ``stage`` reads (see ``STAGE_KEYS``)."""
+    return {k: settings[k] for k in STAGE_KEYS[stage] if k in settings}
+
+
 def dumps(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True, separators=(",", ":"))
 
@@ -49,3 +64,9 @@ def network_settings(settings: dict) -> dict:
     """Constructor settings of the dataset's teacher / generator network."""
     return {"img_resolution": settings["resolution"], "img_channels": settings["channels"],
             "label_dim": settings["label_dim"], **settings["network"]}
+
+
+def generator_settings(network: dict) -> dict:
+    """Constructor settings of the one-step generator distilled from a teacher with settings ``network``:
+    the same network, except that an EDM2 generator has no log-variance head."""
+    return {**network, "logvar": False} if network.get("arch") == "edm2" else dict(network)

@@ -15,7 +15,7 @@ from sidcore import checkpoint
 from sidcore.dataset import InfiniteSampler, read_image_zip
 from sidcore.distill import ema_beta, update_ema
 from sidcore.losses import edm_weight, sample_sigma_lognormal
-from sidcore.networks.precond import build_network, count_parameters
+from sidcore.networks import build_network, count_parameters
 from sidcore.settings import network_settings
 
 

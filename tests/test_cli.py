@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from sidcore import cli
 from sidcore.dataset import read_image_zip, write_image_zip
@@ -34,8 +35,9 @@ def test_prepare_digits(tmp_path):
     assert cli.main(["prepare-data", "--settings", settings(tmp_path, {"source": "sklearn-digits"}),
                      "--out", str(out)]) == 0
     ds = read_image_zip(out)
-    assert ds.images.shape == (1797, 1, 8, 8) and ds.label_dim == 10
-    assert ds.images.max() == 255 and ds.images.min() == 0
+    images = ds.load(torch.arange(len(ds)))
+    assert images.shape == (1797, 1, 8, 8) and ds.label_dim == 10
+    assert images.max() == 255 and images.min() == 0
 
 
 def test_prepare_edm_zip_checks_layout(tmp_path):

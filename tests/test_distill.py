@@ -9,7 +9,7 @@ import torch
 from sidcore import checkpoint
 from sidcore.dataset import write_image_zip
 from sidcore.distill import Distiller
-from sidcore.networks.precond import build_network
+from sidcore.networks import build_network
 
 NETWORK = dict(arch="ddpmpp", img_resolution=8, img_channels=1, label_dim=10, model_channels=16,
                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=0, dropout=0.0)

@@ -24,6 +24,7 @@ class ServerState:
     """What the server serves and how it misbehaves; what it has seen."""
 
     files: dict[str, bytes] = field(default_factory=dict)
+    redirects: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (target, X-Linked-Etag)
     faults: list[int | str] = field(default_factory=list)  # per request, in order: HTTP status, "cut" or "no-range"
     requests: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -40,6 +41,14 @@ class Handler(BaseHTTPRequestHandler):
             self.state.requests.append({"path": self.path, **self.headers})
             fault = self.state.faults.pop(0) if self.state.faults else None
             too_many = len(self.state.requests) > MAX_REQUESTS
+        if self.path in self.state.redirects and not too_many:
+            target, etag = self.state.redirects[self.path]
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("X-Linked-Etag", f'"{etag}"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = self.state.files.get(self.path)
         if too_many or isinstance(fault, int) or data is None:
             self.send_error(400 if too_many else fault if isinstance(fault, int) else 404)
@@ -272,3 +281,22 @@ def test_registry_rejects_duplicate_keys():
     text = "refs:\n  a:\n    url: https://example.org/a\n  a:\n    url: https://example.org/b\n"
     with pytest.raises(Exception, match="duplicate key"):
         registry.parse(text)
+
+
+@pytest.mark.parametrize("published_ok", [True, False])
+def test_digest_published_with_the_redirect_is_checked(blob, state, tmp_path, published_ok):
+    """Hugging Face announces an LFS file's sha256 in X-Linked-Etag on the redirect to its storage."""
+    url, data = blob
+    published = sha(data) if published_ok else sha(b"something else")
+    state.redirects["/resolve/main/blob.bin"] = ("/blob.bin", published)
+    art = Artifact("test/blob", url.replace("/blob.bin", "/resolve/main/blob.bin"))
+    out = tmp_path / "blob.bin"
+    if published_ok:
+        fetch(art, out, tmp_path / "lock.json", **FAST)
+        assert out.read_bytes() == data
+        assert json.loads((tmp_path / "lock.json").read_text())["test/blob"]["sha256"] == published
+    else:
+        with pytest.raises(VerificationError, match="server publishes " + published):
+            fetch(art, out, tmp_path / "lock.json", **FAST)
+        assert not out.exists() and not (tmp_path / "blob.bin.part").exists()
+        assert not (tmp_path / "lock.json").exists()

@@ -95,12 +95,46 @@ def test_paper_table_dags(workdir, table, datasets):
             for alpha in spec["alphas"]:
                 assert f"results/{d}/{method}/alpha{float(alpha)}/generator.pt" in out, (d, method, alpha)
                 assert f"results/{d}/{method}/alpha{float(alpha)}/eval/summary.json" in out
-        assert f"resources/data/{d}.zip" in out
+        assert f"resources/data/{cfg[d]['data'].get('name', d)}.zip" in out
+        for part in ("teacher", "reference", "detector"):
+            assert f"resources/downloads/{cfg[d][part]['artifact']}" in out, (d, part)
     n_runs = sum(len(s["alphas"]) for d in datasets for s in cfg[d]["methods"].values())
     assert counts["evaluate_generator"] == n_runs
-    assert counts["download_teacher"] >= 1 and counts["convert_teacher"] >= 1
-    assert counts["fetch_reference"] >= 1 and counts["download_detector"] >= 1
+    assert counts["convert_teacher"] == len(datasets)
+    assert counts["prepare_data"] == len({cfg[d]["data"].get("name", d) for d in datasets})
     assert counts["tabulate"] == 1
+
+
+LOCAL_RULES = """
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
+with SnakemakeApi(OutputSettings(quiet=True)) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(),
+                      storage_settings=StorageSettings(), snakefile=Path("Snakefile"))
+    print(" ".join(sorted(wf._workflow._localrules)))  # rules marked `localrule: True`
+"""
+
+
+def test_edm2_prefetch_jobs_run_on_the_login_node(workdir):
+    """Every artifact of the EDM2 table is downloaded by a local (login-node) job before compute starts."""
+    r = subprocess.run([*SNAKEMAKE, "-n", "results/tables/edm2.csv"], cwd=workdir, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    downloads = set(re.findall(r"output: resources/downloads/(\S+)", r.stdout + r.stderr))
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    teachers = {cfg["datasets"][f"edm2-{s}"]["teacher"]["artifact"] for s in ("xs", "s", "m", "l", "xl", "xxl")}
+    assert downloads == teachers | {
+        "refs/img512", "detector/pt_inception-2015-12-05", cfg["evaluation"]["fd_dinov2_detector"],
+        "vae/sd-vae-ft-mse/config.json", "vae/sd-vae-ft-mse/diffusion_pytorch_model.safetensors"}
+    assert job_counts(r.stdout + r.stderr)["download"] == len(downloads)
+    local = subprocess.run([sys.executable, "-c", LOCAL_RULES], cwd=workdir, capture_output=True, text=True,
+                           timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    local_rules = set(local.stdout.split())
+    assert "download" in local_rules
+    assert not local_rules & {"prepare_data", "convert_teacher", "distill_sid", "distill_sida", "distill_sid2a",
+                              "evaluate_generator"}
 
 
 STUB = """#!/usr/bin/env python3
@@ -144,3 +178,15 @@ def test_new_alpha_adds_only_its_jobs(workdir):
     assert r.returncode == 0, r.stderr[-3000:]
     counts = job_counts(r.stdout + r.stderr)
     assert dict(counts) == {"distill_sid": 1, "evaluate_generator": 1, "summarize": 1, "tabulate": 1}
+
+    # A distillation hyper-parameter reruns the distillations and what depends on them, not the data,
+    # the teacher, the reference statistics or the teacher's evaluation.
+    new = config.replace("      lr: 1.0e-4\n", "      lr: 2.0e-4\n")
+    assert new.count("lr: 2.0e-4") == 1
+    (workdir / "config.yaml").write_text(new)
+    r = snakemake(workdir, "-c1", target)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = job_counts(r.stdout + r.stderr)
+    assert set(counts) == {"distill_sid", "distill_sida", "distill_sid2a", "evaluate_generator", "summarize",
+                           "tabulate"}, counts
+    assert counts["evaluate_generator"] == counts["distill_sid"] + counts["distill_sida"] + counts["distill_sid2a"]

@@ -193,7 +193,7 @@ def _train_detector(args: argparse.Namespace) -> int:
     if data.labels is None:
         raise SystemExit(f"{args.data}: the classifier needs a labelled dataset")
     start = time.perf_counter()
-    net, test_accuracy = train_digit_classifier(data.images, data.labels, seed=args.seed, epochs=args.epochs)
+    net, test_accuracy = train_digit_classifier(data.load(torch.arange(len(data))), data.labels, seed=args.seed, epochs=args.epochs)
     save_digit_classifier(net, test_accuracy, args.out)
     print(f"held-out accuracy {test_accuracy:.4f} ({time.perf_counter() - start:.1f} s) -> {args.out}")
     return 0

@@ -15,6 +15,8 @@ def weight_init(shape: tuple[int, ...], mode: str, fan_in: int, fan_out: int) ->
     """EDM's initialisers (only random layers not overwritten by a teacher depend on these)."""
     if mode == "xavier_uniform":
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == "kaiming_uniform":
+        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
     if mode == "kaiming_normal":
         return math.sqrt(1 / fan_in) * torch.randn(*shape)
     raise ValueError(f"unknown init mode {mode!r}")

@@ -3,7 +3,9 @@
 ``return_flag`` selects what a forward pass returns:
 ``'decoder'`` the network output F (the original behaviour), ``'encoder'`` the discriminator
 logits only (channel mean of the last encoder block's output, [B, 1, H', W']; the decoder is
-skipped), ``'encoder_decoder'`` both (F, logits) from one pass.
+skipped), ``'encoder_decoder'`` both (F, logits) from one pass. ``'encoder'`` is refused for the
+'residual' (NCSN++) and 'skip' encoders: their input pyramid writes into the stored skips, which
+SiDA's encoder-only pass does not keep (it fails there too).
 """
 from __future__ import annotations
 
@@ -26,6 +28,14 @@ def discriminator_logits(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=1, keepdim=True)
 
 
+def drop_labels(class_labels: torch.Tensor, p: float, batch_size: int) -> torch.Tensor:
+    """Zero each sample's class labels with probability ``p`` (training for classifier-free guidance)."""
+    if not p:
+        return class_labels
+    keep = torch.rand([batch_size, 1], device=class_labels.device) >= p
+    return class_labels * keep.to(class_labels.dtype)
+
+
 class SongUNet(torch.nn.Module):
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  augment_dim: int = 0, model_channels: int = 128, channel_mult: list[int] = (1, 2, 2, 2),
@@ -37,7 +47,7 @@ class SongUNet(torch.nn.Module):
         assert encoder_type in ("standard", "skip", "residual")
         assert decoder_type in ("standard", "skip")
         super().__init__()
-        self.label_dropout = label_dropout
+        self.label_dropout, self.encoder_type = label_dropout, encoder_type
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
         init = dict(init_mode="xavier_uniform")
@@ -109,11 +119,8 @@ class SongUNet(torch.nn.Module):
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # swap to [sin, cos]
         if self.map_label is not None:
-            tmp = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([tmp.shape[0], 1], device=tmp.device) >= self.label_dropout
-                tmp = tmp * keep.to(tmp.dtype)
-            emb = emb + self.map_label(tmp * np.sqrt(self.map_label.in_features))
+            labels = drop_labels(class_labels, self.label_dropout, len(noise_labels)) if self.training else class_labels
+            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         return silu(self.map_layer1(silu(self.map_layer0(emb))))
@@ -121,36 +128,53 @@ class SongUNet(torch.nn.Module):
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None, return_flag: str = "decoder"):
         check_return_flag(return_flag)
+        if return_flag == "encoder" and self.encoder_type != "standard":
+            raise ValueError(f"return_flag='encoder' is not supported with encoder_type={self.encoder_type!r} "
+                             "(e.g. NCSN++): SiDA's encoder-only pass is defined for DDPM++ and ADM only")
         emb = self.embed(noise_labels, class_labels, augment_labels)
-
-        skips = []
-        aux = x
-        for name, block in self.enc.items():
-            if "aux_down" in name:
-                aux = block(aux)
-            elif "aux_skip" in name:
-                x = skips[-1] = x + block(aux)
-            elif "aux_residual" in name:
-                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
-            else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-                skips.append(x)
+        x, skips = run_encoder(self.enc, x, emb)
         logits = discriminator_logits(x)
         if return_flag == "encoder":
             return logits
-
-        aux = None
-        tmp = None
-        for name, block in self.dec.items():
-            if "aux_up" in name:
-                aux = block(aux)
-            elif "aux_norm" in name:
-                tmp = block(x)
-            elif "aux_conv" in name:
-                tmp = block(silu(tmp))
-                aux = tmp if aux is None else tmp + aux
-            else:
-                if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+        _, aux = run_decoder(self.dec, x, emb, skips)
         return aux if return_flag == "decoder" else (aux, logits)
+
+
+def run_encoder(enc: torch.nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Walk EDM's encoder (SongUNet or DhariwalUNet); returns the last output and the skip list.
+
+    ``aux_*`` modules (NCSN++'s input pyramid) update the auxiliary path and the last stored skip.
+    """
+    skips = []
+    aux = x
+    for name, block in enc.items():
+        if "aux_down" in name:
+            aux = block(aux)
+        elif "aux_skip" in name:
+            x = skips[-1] = x + block(aux)
+        elif "aux_residual" in name:
+            x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+        else:
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+    return x, skips
+
+
+def run_decoder(dec: torch.nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor,
+                skips: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Walk EDM's decoder, concatenating the skips a block expects (LIFO); returns (x, SongUNet's aux output)."""
+    aux = None
+    tmp = None
+    for name, block in dec.items():
+        if "aux_up" in name:
+            aux = block(aux)
+        elif "aux_norm" in name:
+            tmp = block(x)
+        elif "aux_conv" in name:
+            tmp = block(silu(tmp))
+            aux = tmp if aux is None else tmp + aux
+        else:
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+    return x, aux

@@ -1,19 +1,24 @@
 # Paths and settings shared by the rules. The layout:
-#   resources/data/{dataset}.zip                      training images (EDM zip layout)
-#   resources/downloads/...                           downloaded artifacts (registry keys)
-#   resources/teachers/... , resources/refs/... , resources/detectors/...
+#   resources/data/{data}.zip                         training images or latents (EDM zip layout); {data} is
+#                                                     data.name, shared by datasets with the same data
+#   resources/downloads/{group}/{name}                downloaded artifacts, by registry key
+#   resources/teachers/{name}.pt, resources/generators/{family}/{name}.pt   converted networks
+#   resources/teachers/trained/, resources/refs/computed/, resources/detectors/trained/   made here
 #   results/{dataset}/{method}/alpha{alpha}/          one distillation run (generator.pt, log.jsonl)
 #   results/{dataset}/{method}/alpha{alpha}/eval/     run{r}.json per evaluation run, summary.json
 #   results/{dataset}/teacher/eval/                   the teacher's evaluation (where configured)
 #   results/tables/{table}.csv|md, results/plots/{dataset}.png|pdf
-from sidcore.settings import METHODS, dumps, resolve
+from sidcore.registry import artifacts
+from sidcore.settings import METHODS, dumps, for_stage, generator_settings, network_settings, resolve
 
 DATASETS = config["datasets"]
+ARTIFACT_GROUPS = sorted({key.split("/", 1)[0] for key in artifacts()})
 TABLE_SOURCES = {"edm2_fd_dinov2": "edm2"}  # tables made from another table's runs
 
 
 wildcard_constraints:
     dataset="[a-z0-9][a-z0-9_.-]*",
+    data="[a-z0-9][a-z0-9_.-]*",
     method="|".join(METHODS),
     alpha=r"[0-9]+\.[0-9]+",
     run=r"[0-9]+",
@@ -28,6 +33,15 @@ def check_config() -> None:
         if t not in tables:
             raise ValueError(f"tables: {t!r} is the table of no dataset (known: {sorted(tables)})")
     for name, d in DATASETS.items():
+        first = dataset_of_data(data_name(name))
+        if DATASETS[first]["data"] != d["data"]:
+            raise ValueError(f"datasets.{name}.data: name {data_name(name)!r} is also used by datasets.{first} "
+                             "with different settings; give one of them another data.name")
+        if d["data"]["source"] == "vae-latents" and "latent" not in d:
+            raise ValueError(f"datasets.{name}.latent: data.source vae-latents needs the VAE (latent.vae)")
+        for key in artifact_keys(name):
+            if key not in artifacts():
+                raise ValueError(f"datasets.{name}: unknown artifact key {key!r} (see sidcore/data/artifacts.yaml)")
         for method, spec in d["methods"].items():
             dist = {**d["distill"], **spec.get("distill", {})}
             if dist["batch"] % min(dist["batch_gpu"], dist["batch"]):
@@ -43,9 +57,17 @@ def alpha_str(alpha) -> str:
     return str(float(alpha))
 
 
-def settings(dataset, method=None, alpha=None) -> str:
-    """The job's resolved settings as JSON (a param, so Snakemake reruns a job whose settings change)."""
-    return dumps(resolve(config, dataset, method, alpha))
+def settings(dataset, method=None, alpha=None, stage=None) -> str:
+    """The job's resolved settings as JSON (a param, so Snakemake reruns a job whose settings change);
+    with ``stage``, only the part that stage reads."""
+    resolved = resolve(config, dataset, method, alpha)
+    return dumps(for_stage(resolved, stage) if stage else resolved)
+
+
+def network_json(key, generator=False) -> str:
+    """Constructor settings (config.yaml's) of the network a downloaded teacher / generator is converted to."""
+    network = network_settings(resolve(config, dataset_using(key)))
+    return dumps(generator_settings(network) if generator else network)
 
 
 def runs(dataset):
@@ -62,34 +84,94 @@ def run_dir(dataset, method, alpha) -> str:
     return f"results/{dataset}/{method}/alpha{alpha}"
 
 
-def artifact_name(key: str) -> str:
-    """File name of a registry key (``teacher/edm-cifar10-32x32-uncond-vp`` -> ``edm-cifar10-32x32-uncond-vp``)."""
-    return key.split("/", 1)[1]
+def artifact_file(key: str) -> str:
+    """Where the download rule puts a registry artifact."""
+    return f"resources/downloads/{key}"
+
+
+def artifact_dir_files(prefix: str) -> list[str]:
+    """The files of a directory artifact (e.g. ``vae/sd-vae-ft-mse``): every registry key under it."""
+    return [artifact_file(k) for k in artifacts() if k.startswith(prefix + "/")]
+
+
+def artifact_keys(dataset) -> list[str]:
+    """Registry keys a dataset's configuration names (checked by check_config)."""
+    d = DATASETS[dataset]
+    keys = [d[part]["artifact"] for part in ("data", "teacher", "reference", "detector") if "artifact" in d[part]]
+    if "latent" in d:
+        keys += [k for k in artifacts() if k.startswith(d["latent"]["vae"] + "/")] or [d["latent"]["vae"]]
+    if "fd_dinov2" in d["metrics"]:
+        keys.append(config["evaluation"]["fd_dinov2_detector"])
+    keys += d["methods"].get("sid2a", {}).get("released", {}).values()
+    return keys
+
+
+def dataset_using(key) -> str:
+    """The first dataset whose configuration names registry artifact ``key`` (its network settings apply)."""
+    for dataset in DATASETS:
+        if key in artifact_keys(dataset):
+            return dataset
+    raise ValueError(f"no dataset in config.yaml uses artifact {key!r}")
+
+
+def data_name(dataset) -> str:
+    return DATASETS[dataset]["data"].get("name", dataset)
+
+
+def dataset_of_data(name) -> str:
+    """The first dataset whose prepared data file is resources/data/{name}.zip."""
+    for dataset in DATASETS:
+        if data_name(dataset) == name:
+            return dataset
+    raise ValueError(f"no dataset in config.yaml has data name {name!r}")
 
 
 def data_file(w):
-    return f"resources/data/{w.dataset}.zip"
+    return f"resources/data/{data_name(w.dataset)}.zip"
+
+
+def prepare_inputs(w):
+    """Files a data preparation job reads: the downloaded archive or the VAE that encodes latents."""
+    d = DATASETS[dataset_of_data(w.data)]
+    if d["data"]["source"] == "cifar10-archive":
+        return {"archive": artifact_file(d["data"]["artifact"])}
+    if d["data"]["source"] == "vae-latents":
+        return {"vae": vae_files(d)}
+    return {}
+
+
+def prepare_args(name) -> str:
+    d = DATASETS[dataset_of_data(name)]
+    if d["data"]["source"] == "cifar10-archive":
+        return f"--archive {artifact_file(d['data']['artifact'])}"
+    if d["data"]["source"] == "vae-latents":
+        return f"--vae {artifact_file(d['latent']['vae'])}"
+    return ""
+
+
+def vae_files(d) -> list[str]:
+    return artifact_dir_files(d["latent"]["vae"]) if "latent" in d else []
 
 
 def teacher_file(w):
     t = DATASETS[w.dataset]["teacher"]
     if t["source"] == "train":
         return f"resources/teachers/trained/{w.dataset}.pt"
-    return f"resources/teachers/{artifact_name(t['artifact'])}.pt"
+    return f"resources/teachers/{t['artifact'].split('/', 1)[1]}.pt"
 
 
 def refs_file(w):
     r = DATASETS[w.dataset]["reference"]
     if r["source"] == "compute":
         return f"resources/refs/computed/{w.dataset}.npz"
-    return f"resources/refs/{artifact_name(r['artifact'])}"
+    return artifact_file(r["artifact"])
 
 
 def detector_file(w):
     d = DATASETS[w.dataset]["detector"]
     if d["source"] == "train":
         return f"resources/detectors/trained/{w.dataset}.pt"
-    return f"resources/detectors/{artifact_name(d['artifact'])}"
+    return artifact_file(d["artifact"])
 
 
 def init_file(w):
@@ -101,7 +183,21 @@ def init_file(w):
 
 
 def eval_inputs(w):
-    return {"data": data_file(w), "refs": refs_file(w), "detector": detector_file(w)}
+    """Inputs of distillation and evaluation jobs; the VAE and DINOv2 only where configured."""
+    d = DATASETS[w.dataset]
+    inputs = {"data": data_file(w), "refs": refs_file(w), "detector": detector_file(w), "vae": vae_files(d)}
+    if "fd_dinov2" in d["metrics"]:
+        inputs["dinov2"] = artifact_file(config["evaluation"]["fd_dinov2_detector"])
+    return inputs
+
+
+def eval_args(w, input) -> str:
+    """Command-line flags for the optional inputs of ``eval_inputs``."""
+    d = DATASETS[w.dataset]
+    args = f"--vae {artifact_file(d['latent']['vae'])}" if "latent" in d else ""
+    if "dinov2" in input.keys():
+        args += f" --dinov2-weights {input.dinov2}"
+    return args
 
 
 check_config()

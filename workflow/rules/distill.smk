@@ -15,12 +15,14 @@ rule distill_sid:
         settings=lambda w: settings(w.dataset, w.method, w.alpha),
         outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
         init="",
+        extra=eval_args,
     log:
         "logs/distill/{dataset}-{method}-alpha{alpha}.log",
     priority: 10  # start distillations before evaluations that could wait
     shell:
         "sidcore distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.init}"
+        " {params.extra}"
         " > {log} 2>&1"
 
 
@@ -40,3 +42,4 @@ use rule distill_sid as distill_sid2a with:
         settings=lambda w: settings(w.dataset, w.method, w.alpha),
         outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
         init=lambda w, input: f"--init {input.init}",
+        extra=eval_args,

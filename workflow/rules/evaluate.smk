@@ -13,11 +13,13 @@ rule evaluate_generator:
     params:
         settings=lambda w: settings(w.dataset, w.method, w.alpha),
         outdir=lambda w: f"{run_dir(w.dataset, w.method, w.alpha)}/eval",
+        extra=eval_args,
     log:
         "logs/evaluate/{dataset}-{method}-alpha{alpha}.log",
     shell:
         "sidcore evaluate --settings {params.settings:q} --kind generator --model {input.model} --data {input.data}"
-        " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} > {log} 2>&1"
+        " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.extra}"
+        " > {log} 2>&1"
 
 
 rule evaluate_teacher:
@@ -27,14 +29,16 @@ rule evaluate_teacher:
     output:
         [f"results/{{dataset}}/teacher/eval/{r}" for r in RUNS],
     params:
-        settings=lambda w: settings(w.dataset),
+        settings=lambda w: settings(w.dataset, stage="evaluate_teacher"),
         outdir="results/{dataset}/teacher/eval",
+        extra=eval_args,
     log:
         "logs/evaluate/{dataset}-teacher.log",
     priority: 20  # a long job that only needs the teacher: start it first
     shell:
         "sidcore evaluate --settings {params.settings:q} --kind teacher --model {input.model} --data {input.data}"
-        " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} > {log} 2>&1"
+        " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.extra}"
+        " > {log} 2>&1"
 
 
 rule summarize:

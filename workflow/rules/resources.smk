@@ -1,79 +1,60 @@
-# Inputs of the distillation: data, teachers, reference statistics, detectors, released generators.
-# Downloads run where Snakemake runs (the login node on a cluster); compute jobs never use the network.
+# Inputs of the distillation: data, teachers, reference statistics, detectors, VAE, released generators.
+# Downloads run where Snakemake runs (the login node on a cluster): compute jobs never use the network
+# and find every artifact under resources/downloads/<registry key>.
 
 LOCK = "resources/artifacts.lock.json"
 
 
-rule prepare_data:
+rule download:
     output:
-        "resources/data/{dataset}.zip",
+        "resources/downloads/{key}",
+    wildcard_constraints:
+        key="(?:" + "|".join(ARTIFACT_GROUPS) + ")/.+",
     params:
-        settings=lambda w: settings(w.dataset),
+        key="{key}",
     log:
-        "logs/prepare_data/{dataset}.log",
-    shell:
-        "sidcore prepare-data --settings {params.settings:q} --out {output} > {log} 2>&1"
-
-
-rule download_teacher:
-    output:
-        "resources/downloads/teacher/{name}.pkl",
-    params:
-        key="teacher/{name}",
-    log:
-        "logs/download/teacher-{name}.log",
+        "logs/download/{key}.log",
     localrule: True
     shell:
-        "sidcore download {params.key} --out {output} --lock {LOCK} > {log} 2>&1"
+        "sidcore download {params.key:q} --out {output:q} --lock {LOCK} > {log:q} 2>&1"
 
 
-use rule download_teacher as download_generator with:
+rule prepare_data:
+    input:
+        unpack(prepare_inputs),
     output:
-        "resources/downloads/{family}/{name}.pkl",
+        "resources/data/{data}.zip",
     params:
-        key="{family}/{name}",
-    wildcard_constraints:
-        family="sid|sida|sid2a",
+        settings=lambda w: settings(dataset_of_data(w.data), stage="prepare"),
+        args=lambda w: prepare_args(w.data),
     log:
-        "logs/download/{family}-{name}.log",
-
-
-use rule download_teacher as fetch_reference with:
-    output:
-        "resources/refs/{name}",
-    params:
-        key="refs/{name}",
-    log:
-        "logs/download/refs-{name}.log",
-
-
-use rule download_teacher as download_detector with:
-    output:
-        "resources/detectors/{name}",
-    params:
-        key="detector/{name}",
-    log:
-        "logs/download/detector-{name}.log",
+        "logs/prepare_data/{data}.log",
+    shell:
+        "sidcore prepare-data --settings {params.settings:q} {params.args} --out {output} > {log} 2>&1"
 
 
 rule convert_teacher:
     input:
-        "resources/downloads/teacher/{name}.pkl",
+        "resources/downloads/teacher/{name}",
     output:
         "resources/teachers/{name}.pt",
+    params:
+        network=lambda w: network_json(f"teacher/{w.name}"),
     log:
         "logs/convert/teacher-{name}.log",
     shell:
-        "sidcore convert-network --src {input} --out {output} > {log} 2>&1"
+        "sidcore convert-network --src {input} --out {output} --network {params.network:q} > {log} 2>&1"
 
 
 use rule convert_teacher as convert_generator with:
     input:
-        "resources/downloads/{family}/{name}.pkl",
+        "resources/downloads/{family}/{name}",
     output:
         "resources/generators/{family}/{name}.pt",
     wildcard_constraints:
         family="sid|sida|sid2a",
+    params:
+        network=lambda w: network_json(f"{w.family}/{w.name}", generator=True),
     log:
         "logs/convert/generator-{family}-{name}.log",
 
@@ -84,7 +65,7 @@ rule train_teacher:
     output:
         "resources/teachers/trained/{dataset}.pt",
     params:
-        settings=lambda w: settings(w.dataset),
+        settings=lambda w: settings(w.dataset, stage="train_teacher"),
     log:
         "logs/train_teacher/{dataset}.log",
     shell:
