@@ -2,6 +2,7 @@
 import argparse
 import importlib
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -59,3 +60,14 @@ def test_prepare_edm_zip_checks_layout(tmp_path):
                   "--out", str(out)])
     with pytest.raises(ValueError, match="datasets.toy.data.path"):
         cli.main(["prepare-data", "--settings", settings(tmp_path, {"source": "edm-zip"}), "--out", str(out)])
+
+
+def test_compute_commands_switch_network_libraries_offline(monkeypatch, tmp_path):
+    """Every command but `download` runs with the Hugging Face libraries offline (jobs read local files)."""
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in cli.OFFLINE_ENV})
+    with pytest.raises(SystemExit):
+        cli.main(["download", "--help"])
+    assert "HF_HUB_OFFLINE" not in os.environ
+    with pytest.raises(ValueError, match="--settings is not valid JSON"):
+        cli.main(["prepare-data", "--settings", "{", "--out", str(tmp_path / "x.zip")])
+    assert all(os.environ[k] == v for k, v in cli.OFFLINE_ENV.items())

@@ -50,6 +50,8 @@ def overlay(workdir: Path, text: str) -> str:
     ("datasets: {tiny: {bogus_key: 1}}", "bogus_key"),
     ("evaluation: {runs: 0}", "runs"),
     ("tables: [no-such-table]", "no-such-table"),
+    ("datasets: {tiny: {data: {source: image-folder}}}", "path"),
+    ("datasets: {tiny: {teacher: {source: download, artifact: teacher/no-such-teacher}}}", "teacher/no-such-teacher"),
 ])
 def test_bad_config_fails_before_any_job_naming_the_key(workdir, text, key):
     r = snakemake(workdir, "--configfile", overlay(workdir, text))
