@@ -23,6 +23,7 @@ COMMANDS = {
     "ref-stats": "sidcore.metrics",
     "tabulate": "sidcore.report.tabulate",
     "plot": "sidcore.report.plot",
+    "benchmark": "sidcore.benchmark",
 }
 
 

@@ -70,7 +70,8 @@ def train_teacher(args: argparse.Namespace) -> int:
 
 
 def distill(args: argparse.Namespace) -> int:
-    from sidcore.distill import Distiller
+    from sidcore.distill import REQUEUE_EXIT, Distiller
+    from sidcore.distributed import init_from_env
     from sidcore.evaluate import Evaluator, generator_sampler, run_seed
     settings = _settings(args)
     Path(args.outdir).mkdir(parents=True, exist_ok=True)
@@ -78,17 +79,18 @@ def distill(args: argparse.Namespace) -> int:
         raise ValueError(f"datasets.{settings['dataset']}.methods.{settings['method']}.init={settings['init']!r} "
                          f"but --init was {'not ' if args.init is None else ''}given")
     d = settings["distill"]
-    distiller = Distiller(settings, args.teacher, args.data, args.outdir, init_path=args.init, vae_path=args.vae)
+    ctx = init_from_env()
+    distiller = Distiller(settings, args.teacher, args.data, args.outdir, init_path=args.init, ctx=ctx,
+                          vae_path=args.vae)
     evaluator = Evaluator.from_settings(settings, distiller.dataset, args.refs, args.detector_weights,
-                                        distiller.device, distiller.vae)
+                                        ctx.device, distiller.vae) if ctx.is_main else None
     seed = run_seed(settings["evaluation"]["seed"], -1)
     batch = settings["evaluation"]["batch"]
 
     def evaluate(G_ema):
         return evaluator(generator_sampler(G_ema, d["init_sigma"]), d["eval_images"], batch, seed)
 
-    distiller.run(evaluate, log=_log)
-    return 0
+    return 0 if distiller.run(evaluate, log=_log) else REQUEUE_EXIT
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from sidcore.atomic import atomic_path
+from sidcore.losses import Noise
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ITEM_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
@@ -76,13 +77,14 @@ class ImageDataset:
             return torch.zeros(len(index), 0)
         return torch.nn.functional.one_hot(self.labels[index], self.label_dim).float()
 
-    def to_model(self, index: torch.Tensor) -> torch.Tensor:
+    def to_model(self, index: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
         """Training inputs at ``index``: images in [-1, 1] (uint8 / 127.5 − 1), or scaled latents drawn afresh
-        from the stored posterior (see ``sidcore.latent``)."""
+        from the stored posterior (ε from ``noise`` if given, see ``sidcore.latent``)."""
         raw = self.load(index)
         if self.kind == "latent":
             from sidcore.latent import sample_latents
-            return sample_latents(raw)
+            eps = noise.randn("latent", (raw.shape[1] // 2, *raw.shape[2:])) if noise is not None else None
+            return sample_latents(raw, eps=eps)
         return raw.float() / 127.5 - 1
 
     def __getstate__(self) -> dict:
@@ -189,36 +191,22 @@ def link_image_zip(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     return n
 
 
-class InfiniteSampler:
-    """Endless stream of dataset indices: a fresh seeded permutation per epoch.
+class ShuffledOrder:
+    """Dataset index of every global sample position: epoch e visits a fresh seeded permutation.
 
-    The position (epoch, offset) is plain state, so a resumed run continues the exact stream.
-    Each rank takes every ``world_size``-th index starting at ``rank``.
+    Position p maps to ``perm(p // N)[p % N]``; nothing but the position is needed to continue a stream.
     """
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.epoch, self.offset = 0, rank
-        self._order = self._permutation()
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
 
-    def _permutation(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.size, generator=g)
-
-    def next(self, n: int) -> torch.Tensor:
-        out = []
-        for _ in range(n):
-            if self.offset >= self.size:
-                self.epoch += 1
-                self.offset -= self.size
-                self._order = self._permutation()
-            out.append(int(self._order[self.offset]))
-            self.offset += self.world_size
-        return torch.tensor(out, dtype=torch.int64)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._order = self._permutation()
+    def __call__(self, positions: range) -> torch.Tensor:
+        out = torch.empty(len(positions), dtype=torch.int64)
+        for i, p in enumerate(positions):
+            epoch = p // self.size
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g)
+            out[i] = self._perm[p % self.size]
+        return out

@@ -25,10 +25,12 @@ def scale_bias(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.
     return scale, -mean * scale
 
 
-def sample_latents(mean_std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents from stored posterior statistics [B, 2C, H, W] (mean ‖ std), a fresh ε per call."""
+def sample_latents(mean_std: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled latents from stored posterior statistics [B, 2C, H, W] (mean ‖ std): (mean + ε·std)·scale + bias,
+    ε given or drawn afresh."""
     mean, std = mean_std.to(torch.float32).chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    if eps is None:
+        eps = torch.randn(mean.shape, device=mean.device)
     scale, bias = scale_bias(mean.device)
     return (mean + eps * std) * scale + bias
 

@@ -1,8 +1,9 @@
 """SiD and SiDA losses (Zhou et al., ICML 2024; ICLR 2025), as the official implementation computes them.
 
-Every loss returns one value per *kept* sample (summed over pixels); samples with a NaN in any
-of the tensors the official code checks are dropped, so they contribute zero once the loop
-divides the sums by the per-GPU batch. Equation numbers refer to the SiDA paper.
+Every loss returns one value per sample (summed over pixels) and the boolean ``keep`` mask: samples
+with a NaN in any of the tensors the official code checks count zero, as if dropped, once the loop
+divides the sums by the per-GPU batch. The mask is applied with ``torch.where`` rather than by
+indexing, so no step waits for the device. Equation numbers refer to the SiDA paper.
 """
 from __future__ import annotations
 
@@ -20,15 +21,37 @@ def sigma_from_t(t: torch.Tensor) -> torch.Tensor:
     return (SIGMA_MAX ** (1 / RHO) + (1 - t) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
 
 
-def sample_sigma_generator(n: int, tmax: int, device: torch.device) -> torch.Tensor:
-    """Per-sample σ for the generator loss: t ~ U(0, tmax/1000)."""
-    t = torch.rand([n, 1, 1, 1], device=device) * (tmax / 1000)
-    return sigma_from_t(t)
+def sigma_generator(u: torch.Tensor, tmax: int) -> torch.Tensor:
+    """Per-sample σ for the generator loss from u ~ U(0, 1): t = u·tmax/1000, σ = σ(t)."""
+    return sigma_from_t(u * (tmax / 1000))
 
 
-def sample_sigma_lognormal(n: int, P_mean: float, P_std: float, device: torch.device) -> torch.Tensor:
-    """Per-sample σ for the fake-score / discriminator loss: ln σ ~ N(P_mean, P_std²)."""
-    return (torch.randn([n, 1, 1, 1], device=device) * P_std + P_mean).exp()
+def sigma_lognormal(n: torch.Tensor, P_mean: float, P_std: float) -> torch.Tensor:
+    """Per-sample σ for the fake-score / discriminator loss from n ~ N(0, 1): ln σ = P_mean + P_std·n."""
+    return (n * P_std + P_mean).exp()
+
+
+class Noise:
+    """The random draws of one micro-batch: ``randn`` / ``rand`` return [B, *shape] for a named draw."""
+
+    def randn(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rand(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchNoise(Noise):
+    """Draws from torch's global generator, in call order."""
+
+    def __init__(self, batch: int, device: torch.device | str = "cpu") -> None:
+        self.batch, self.device = batch, device
+
+    def randn(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn([self.batch, *shape], device=self.device)
+
+    def rand(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand([self.batch, *shape], device=self.device)
 
 
 def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -42,6 +65,16 @@ def nan_free(*tensors: torch.Tensor) -> torch.Tensor:
     for t in tensors:
         keep &= ~torch.isnan(t).flatten(1).any(dim=1)
     return keep
+
+
+def masked(keep: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``tensors`` with the samples not kept set to zero, so that the arithmetic on them stays finite."""
+    return [torch.where(keep.reshape(-1, *[1] * (t.ndim - 1)), t, torch.zeros_like(t)) for t in tensors]
+
+
+def per_sample(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Σ over all but the first dimension, 0 for the samples not kept: [B]."""
+    return torch.where(keep, values.flatten(1).sum(dim=1), torch.zeros((), device=values.device))
 
 
 def weight_factor(x_g: torch.Tensor, f_phi: torch.Tensor) -> torch.Tensor:
@@ -91,51 +124,53 @@ class SiDLoss:
         *out, u = fake_score(x, sigma, labels, augment_labels=None, return_flag=return_flag, return_logvar=True)
         return (out[0] if len(out) == 1 else tuple(out)), u
 
-    def fake_score(self, fake_score, x_g: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def fake_score(self, fake_score, x_g: torch.Tensor, labels: torch.Tensor,
+                   noise: Noise) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. (5): Σ_pixels λ(σ)(f_ψ(x_g + σε) − x_g)², x_g without gradient."""
-        sigma = sample_sigma_lognormal(x_g.shape[0], self.P_mean, self.P_std, x_g.device)
+        sigma = sigma_lognormal(noise.randn("sigma", (1, 1, 1)), self.P_mean, self.P_std)
         y = x_g
-        f_psi, u = self.call_fake(fake_score, y + sigma * torch.randn_like(y), sigma, labels)
+        f_psi, u = self.call_fake(fake_score, y + sigma * noise.randn("eps", y.shape[1:]), sigma, labels)
         keep = nan_free(y, f_psi)
         loss = edm_weight(sigma, self.sigma_data) / u.exp() * (f_psi - y) ** 2 + u
-        return loss[keep].flatten(1).sum(dim=1)
+        return per_sample(loss, keep), keep
 
-    def fake_score_discriminator(self, fake_score, x_g: torch.Tensor, x_real: torch.Tensor,
-                                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fake_score_discriminator(self, fake_score, x_g: torch.Tensor, x_real: torch.Tensor, labels: torch.Tensor,
+                                 noise: Noise) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eqs. (9)–(10): the fake-score loss and the discriminator loss from the fake score's encoder.
 
         Real and fake branches share σ, the noise tensor and the labels; the real branch runs the
-        encoder only. Returns (L_ψ per sample, L_D per sample).
+        encoder only. Returns (L_ψ per sample, L_D per sample, keep).
         """
-        sigma = sample_sigma_lognormal(x_g.shape[0], self.P_mean, self.P_std, x_g.device)
-        noise = sigma * torch.randn_like(x_g)
+        sigma = sigma_lognormal(noise.randn("sigma", (1, 1, 1)), self.P_mean, self.P_std)
+        n = sigma * noise.randn("eps", x_g.shape[1:])
         y = x_g
-        (f_psi, logit_fake), u = self.call_fake(fake_score, y + noise, sigma, labels, "encoder_decoder")
-        logit_real, _ = self.call_fake(fake_score, x_real + noise, sigma, labels, "encoder")
+        (f_psi, logit_fake), u = self.call_fake(fake_score, y + n, sigma, labels, "encoder_decoder")
+        logit_real, _ = self.call_fake(fake_score, x_real + n, sigma, labels, "encoder")
         keep = nan_free(y, f_psi, logit_fake, logit_real)
         weight = edm_weight(sigma, self.sigma_data) / u.exp()
-        loss_psi = (weight * (f_psi - y) ** 2 + u)[keep].flatten(1).sum(dim=1)
-        loss_D = (weight * discriminator_bce(logit_real, logit_fake))[keep].flatten(1).sum(dim=1)
-        return loss_psi, loss_D
+        loss_psi = per_sample(weight * (f_psi - y) ** 2 + u, keep)
+        loss_D = per_sample(weight * discriminator_bce(logit_real, logit_fake), keep)
+        return loss_psi, loss_D, keep
 
-    def generator(self, true_score, fake_score, x_g: torch.Tensor, labels: torch.Tensor,
-                  adversarial: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Eq. (6) and, for SiDA, eq. (7): per kept sample L_SiD(i) and b / w_i (b = pooled fakeness).
+    def generator(self, true_score, fake_score, x_g: torch.Tensor, labels: torch.Tensor, noise: Noise,
+                  adversarial: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Eq. (6) and, for SiDA, eq. (7): per sample L_SiD(i) and b / w_i (b = pooled fakeness), and keep.
 
         The gradient reaches G through x_g directly and through both score networks' inputs x_t.
         """
-        sigma = sample_sigma_generator(x_g.shape[0], self.tmax, x_g.device)
-        x_t = x_g + sigma * torch.randn_like(x_g)
+        sigma = sigma_generator(noise.rand("sigma", (1, 1, 1)), self.tmax)
+        x_t = x_g + sigma * noise.randn("eps", x_g.shape[1:])
         f_phi = true_score(x_t, sigma, labels, augment_labels=None)
         if adversarial:
             (f_psi, logits), u = self.call_fake(fake_score, x_t, sigma, labels, "encoder_decoder")
         else:
             (f_psi, u), logits = self.call_fake(fake_score, x_t, sigma, labels), None
         keep = nan_free(x_g, f_phi, f_psi)
-        scale = (-u[keep]).exp().flatten()  # 1 / e^{u(σ_i)}
-        loss_sid = sid_objective(x_g[keep], f_phi[keep], f_psi[keep], self.alpha) * scale
+        x_g0, f_phi0, f_psi0 = masked(keep, x_g, f_phi, f_psi)
+        scale = torch.where(keep, (-u).exp().flatten(), 0)  # 1 / e^{u(σ_i)}, 0 if not kept
+        loss_sid = sid_objective(x_g0, f_phi0, f_psi0, self.alpha) * scale
         if logits is None:
-            return loss_sid, None
+            return loss_sid, None, keep
         b = generator_fakeness(logits)  # pooled over the whole micro-batch, NaN samples included
-        loss_gan = (b / weight_factor(x_g[keep], f_phi[keep])).flatten() * scale
-        return loss_sid, loss_gan
+        loss_gan = (b / weight_factor(x_g0, f_phi0)).flatten() * scale
+        return loss_sid, loss_gan, keep

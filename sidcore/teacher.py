@@ -12,16 +12,16 @@ import time
 import torch
 
 from sidcore import checkpoint
-from sidcore.dataset import InfiniteSampler, read_image_zip
+from sidcore.dataset import ShuffledOrder, read_image_zip
 from sidcore.distill import ema_beta, update_ema
-from sidcore.losses import edm_weight, sample_sigma_lognormal
+from sidcore.losses import edm_weight, sigma_lognormal
 from sidcore.networks import build_network, count_parameters
 from sidcore.settings import network_settings
 
 
 def edm_loss(net, y: torch.Tensor, labels: torch.Tensor, P_mean: float, P_std: float) -> torch.Tensor:
     """Per-sample EDM denoising loss, summed over pixels."""
-    sigma = sample_sigma_lognormal(y.shape[0], P_mean, P_std, y.device)
+    sigma = sigma_lognormal(torch.randn([y.shape[0], 1, 1, 1], device=y.device), P_mean, P_std)
     D_yn = net(y + sigma * torch.randn_like(y), sigma, labels)
     return (edm_weight(sigma, net.sigma_data) * (D_yn - y) ** 2).flatten(1).sum(dim=1)
 
@@ -30,17 +30,17 @@ def train_teacher(settings: dict, data_path: str, out_path: str, log=print) -> N
     t = settings["teacher"]["train"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(t["seed"])
-    dataset = read_image_zip(data_path)
+    dataset = read_image_zip(data_path, use_labels=settings["label_dim"] > 0)
     network = network_settings(settings)
     net = build_network(**network).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=t["lr"], betas=(0.9, 0.999), eps=1e-8)
-    sampler = InfiniteSampler(len(dataset), seed=t["seed"])
+    order = ShuffledOrder(len(dataset), seed=t["seed"])
     total = int(t["kimg"] * 1000)
     log(f"training a {count_parameters(net):,}-parameter teacher on {len(dataset)} images for {t['kimg']} kimg")
     nimg, start, next_report = 0, time.time(), 0
     while nimg < total:
-        idx = sampler.next(t["batch"])
+        idx = order(range(nimg, nimg + t["batch"]))
         y, labels = dataset.to_model(idx).to(device), dataset.one_hot(idx).to(device)
         loss = edm_loss(net, y, labels, t["P_mean"], t["P_std"]).mean()
         opt.zero_grad(set_to_none=True)

@@ -20,22 +20,26 @@ def settings(method: str, **distill) -> dict:
              ema_halflife_kimg=0.05, ema_rampup=0.05, init_sigma=2.5, tmax=800, P_mean=-1.2, P_std=1.2,
              loss_scaling=1, loss_scaling_G=100, loss_scaling_D=1, loss_scaling_G_gan=0.01, clip_fake_grad=1.0,
              stage_kimg=[0.032, 0.064], duration_kimg=0.16, tick_kimg=0.032, snap_ticks=2, eval_early_ticks=[0],
-             dump_ticks=1, eval_images=16, seed=3)
+             dump_ticks=1, keep_snapshots=2, eval_images=16, seed=3)
     d.update(distill)
     net = {k: v for k, v in NETWORK.items() if k not in ("img_resolution", "img_channels", "label_dim")}
     return {"dataset": "toy", "method": method, "alpha": 1.2, "init": "teacher", "adversarial": method != "sid",
             "network": net, "distill": d, "resolution": 8, "channels": 1, "label_dim": 10}
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
+def make_toy(root):
+    """A toy dataset and a random tiny teacher in ``root``."""
     rng = np.random.default_rng(0)
     write_image_zip(root / "data.zip", rng.integers(0, 256, (40, 1, 8, 8), dtype=np.uint8),
                     rng.integers(0, 10, 40))
     torch.manual_seed(0)
     checkpoint.save_atomic(checkpoint.network_snapshot(build_network(**NETWORK), NETWORK), root / "teacher.pt")
     return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_toy(tmp_path_factory.mktemp("toy"))
 
 
 def fake_fid(G):
@@ -108,3 +112,9 @@ def test_resume_with_changed_settings_is_refused(files, tmp_path):
     Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", tmp_path).run(fake_fid, log=lambda m: None)
     with pytest.raises(ValueError, match="distill"):
         Distiller(settings("sid", glr=3e-4), files / "teacher.pt", files / "data.zip", tmp_path)
+
+
+def test_bf16_switches_every_network_to_bfloat16_compute(files, tmp_path):
+    dist = Distiller(settings("sida", fp16=True, bf16=True), files / "teacher.pt", files / "data.zip", tmp_path)
+    assert {net.half_dtype for net in (dist.true_score, dist.fake_score, dist.G, dist.G_ema)} == {torch.bfloat16}
+    assert Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", tmp_path / "b").G.half_dtype == torch.float16

@@ -17,13 +17,13 @@ def test_generator_sigma_schedule_endpoints():
     assert sigma[2].item() == pytest.approx(24.408, abs=1e-3)
     assert sigma[3].item() == pytest.approx(80.0, rel=1e-5)
     torch.manual_seed(0)
-    s = losses.sample_sigma_generator(10_000, tmax=800, device=torch.device("cpu"))
+    s = losses.sigma_generator(torch.rand(10_000, 1, 1, 1), tmax=800)
     assert s.shape == (10_000, 1, 1, 1) and s.min() >= 0.002 and s.max() <= 24.41
 
 
 def test_lognormal_sigma_and_edm_weight():
     torch.manual_seed(0)
-    s = losses.sample_sigma_lognormal(200_000, -1.2, 1.2, torch.device("cpu"))
+    s = losses.sigma_lognormal(torch.randn(200_000, 1, 1, 1), -1.2, 1.2)
     assert s.log().mean().item() == pytest.approx(-1.2, abs=0.01)
     assert s.log().std().item() == pytest.approx(1.2, abs=0.01)
     # λ(σ) = (σ² + σ_d²)/(σ σ_d)²: σ = σ_d = 0.5 → 0.5 / 0.0625 = 8; σ = 1 → 1.25 / 0.25 = 5.
@@ -77,6 +77,31 @@ def test_nan_samples_are_dropped():
     assert losses.nan_free(x, bad).tolist() == [True, False, True]
 
 
+def test_a_nan_sample_counts_zero_and_leaves_the_others_as_if_it_were_absent():
+    class NaNOnSample1(torch.nn.Module):
+        def forward(self, x, sigma, labels, augment_labels=None, return_flag="decoder"):
+            out = 0.3 * x
+            out[1] = float("nan")
+            return out
+
+    torch.manual_seed(0)
+    x_g = torch.randn(3, 1, 4, 4, requires_grad=True)
+    noise = losses.TorchNoise(3)
+    torch.manual_seed(1)
+    loss, _, keep = losses.SiDLoss(alpha=1.2).generator(NaNOnSample1(), Recorder(0.2), x_g, torch.zeros(3, 0),
+                                                        noise, adversarial=False)
+    assert keep.tolist() == [True, False, True] and loss[1] == 0 and torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert torch.isfinite(x_g.grad[[0, 2]]).all()
+    # The kept samples' losses equal those computed on the kept samples alone, with the same draws.
+    torch.manual_seed(1)
+    sigma = losses.sigma_generator(torch.rand(3, 1, 1, 1), 800)
+    x_t = x_g.detach() + sigma * torch.randn_like(x_g)
+    kept = [0, 2]
+    expected = losses.sid_objective(x_g.detach()[kept], 0.3 * x_t[kept], 0.2 * x_t[kept], 1.2)
+    assert torch.allclose(loss.detach()[kept], expected, rtol=1e-6)
+
+
 class Recorder(torch.nn.Module):
     """A score network f(x) = scale·x that records whether its input carries gradient."""
 
@@ -97,8 +122,9 @@ def test_generator_loss_gradient_reaches_g_through_both_networks():
     true_score, fake_score = Recorder(0.7), Recorder(0.2)
     x_g = torch.randn(4, 2, 4, 4, requires_grad=True)
     torch.manual_seed(1)
-    loss_sid, loss_gan = losses.SiDLoss(alpha=1.2).generator(true_score, fake_score, x_g, torch.zeros(4, 0),
-                                                             adversarial=False)
+    loss_sid, loss_gan, keep = losses.SiDLoss(alpha=1.2).generator(true_score, fake_score, x_g, torch.zeros(4, 0),
+                                                                   losses.TorchNoise(4), adversarial=False)
+    assert keep.all()
     assert loss_gan is None and loss_sid.shape == (4,)
     assert true_score.seen == [(True, "decoder")] and fake_score.seen == [(True, "decoder")]
     loss_sid.sum().backward()
@@ -106,7 +132,7 @@ def test_generator_loss_gradient_reaches_g_through_both_networks():
     def replay(detach: bool) -> torch.Tensor:
         torch.manual_seed(1)
         x = x_g.detach().clone().requires_grad_(True)
-        x_t = x + losses.sample_sigma_generator(4, 800, x.device) * torch.randn_like(x)
+        x_t = x + losses.sigma_generator(torch.rand(4, 1, 1, 1), 800) * torch.randn_like(x)
         f_phi, f_psi = 0.7 * x_t, 0.2 * x_t
         if detach:
             f_phi, f_psi = f_phi.detach(), f_psi.detach()
@@ -123,13 +149,13 @@ def test_sida_generator_loss_pools_fakeness_and_divides_by_w():
     fake_score = Recorder(0.2)
     x_g = torch.randn(3, 1, 4, 4, requires_grad=True)
     torch.manual_seed(1)
-    loss_sid, loss_gan = losses.SiDLoss(alpha=1.0).generator(Recorder(0.7), fake_score, x_g, torch.zeros(3, 0),
-                                                             adversarial=True)
+    loss_sid, loss_gan, _ = losses.SiDLoss(alpha=1.0).generator(Recorder(0.7), fake_score, x_g, torch.zeros(3, 0),
+                                                                losses.TorchNoise(3), adversarial=True)
     assert fake_score.seen == [(True, "encoder_decoder")]
     assert loss_gan.shape == (3,)
     # loss_gan(i) = b / w_i with one pooled b: the products loss_gan(i)·w_i all agree.
     torch.manual_seed(1)
-    sigma = losses.sample_sigma_generator(3, 800, x_g.device)
+    sigma = losses.sigma_generator(torch.rand(3, 1, 1, 1), 800)
     x_t = x_g.detach() + sigma * torch.randn_like(x_g)
     w = losses.weight_factor(x_g.detach(), 0.7 * x_t).flatten()
     b = losses.generator_fakeness(x_t.mean(dim=1, keepdim=True)[:, :, ::2, ::2])
@@ -141,12 +167,13 @@ def test_fake_score_and_discriminator_share_noise_and_sigma():
     fake_score = Recorder(0.5)
     x_g, x_real = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     torch.manual_seed(1)
-    loss_psi, loss_D = losses.SiDLoss(alpha=1.0).fake_score_discriminator(fake_score, x_g, x_real, torch.zeros(2, 0))
+    loss_psi, loss_D, _ = losses.SiDLoss(alpha=1.0).fake_score_discriminator(fake_score, x_g, x_real,
+                                                                             torch.zeros(2, 0), losses.TorchNoise(2))
     assert [flag for _, flag in fake_score.seen] == ["encoder_decoder", "encoder"]
     assert not any(req for req, _ in fake_score.seen)  # x_g carries no gradient on this step
     # By hand with the same draws: L_ψ = Σ λ(σ)(0.5(x_g+n) − x_g)², L_D = λ(σ)·BCE(real, fake).
     torch.manual_seed(1)
-    sigma = losses.sample_sigma_lognormal(2, -1.2, 1.2, x_g.device)
+    sigma = losses.sigma_lognormal(torch.randn(2, 1, 1, 1), -1.2, 1.2)
     n = sigma * torch.randn_like(x_g)
     lam = losses.edm_weight(sigma, 0.5)
     expected_psi = (lam * (0.5 * (x_g + n) - x_g) ** 2).flatten(1).sum(1)

@@ -21,8 +21,11 @@ class Precond(torch.nn.Module):
     """Input handling shared by every preconditioning; subclasses give the coefficients and the network F.
 
     ``return_flag``: ``'decoder'`` → D(x; σ); ``'encoder'`` → SiDA's discriminator logits;
-    ``'encoder_decoder'`` → (D, logits); all float32.
+    ``'encoder_decoder'`` → (D, logits); all float32. With ``use_fp16`` on a GPU the network runs in
+    ``half_dtype`` (float16, or bfloat16 where a run asks for it).
     """
+
+    half_dtype = torch.float16
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False) -> None:
         super().__init__()
@@ -49,7 +52,7 @@ class Precond(torch.nn.Module):
             class_labels = torch.zeros([1, self.label_dim], device=x.device)
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = torch.float16 if self.use_fp16 and x.device.type == "cuda" else torch.float32
+        dtype = self.half_dtype if self.use_fp16 and x.device.type == "cuda" else torch.float32
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         out = self.network((c_in * x).to(dtype), c_noise.flatten(), class_labels, augment_labels, return_flag)
