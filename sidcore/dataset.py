@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from sidcore.atomic import atomic_path
-from sidcore.losses import Noise
+from sidcore.randomness import Noise
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ITEM_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
@@ -202,11 +202,13 @@ class ShuffledOrder:
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
 
     def __call__(self, positions: range) -> torch.Tensor:
-        out = torch.empty(len(positions), dtype=torch.int64)
-        for i, p in enumerate(positions):
-            epoch = p // self.size
+        pos = torch.arange(positions.start, positions.stop, dtype=torch.int64)
+        epochs = pos // self.size
+        out = torch.empty_like(pos)
+        for epoch in epochs.unique().tolist():  # one, or two where a batch straddles an epoch
             if epoch != self._epoch:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g)
-            out[i] = self._perm[p % self.size]
+            mask = epochs == epoch
+            out[mask] = self._perm[pos[mask] % self.size]
         return out

@@ -212,9 +212,9 @@ class Distiller:
         noise = SampleNoise(d["seed"], positions, self.device)
         idx = self.order(positions)
         labels = to_device(self.dataset.one_hot(idx), self.device)
-        wants_real = phase == 0 and self.settings["adversarial"]  # only SiDA's discriminator sees real data
         x_real = None
-        if wants_real:  # latents' posterior draws come from the same per-sample streams, made on the host
+        if phase == 0 and self.settings["adversarial"]:  # only SiDA's discriminator sees real data
+            # a latent's posterior draw comes from the sample's own stream, made on the host
             x_real = to_device(self.dataset.to_model(idx, SampleNoise(d["seed"], positions)), self.device)
         return labels, x_real, noise.randn("z", self.shape), noise
 

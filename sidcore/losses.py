@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.functional import softplus
 
+from sidcore.randomness import Noise
+
 # Noise-level schedule of the generator loss (Karras et al. 2022, eq. 5), fixed in the official code.
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
@@ -29,29 +31,6 @@ def sigma_generator(u: torch.Tensor, tmax: int) -> torch.Tensor:
 def sigma_lognormal(n: torch.Tensor, P_mean: float, P_std: float) -> torch.Tensor:
     """Per-sample σ for the fake-score / discriminator loss from n ~ N(0, 1): ln σ = P_mean + P_std·n."""
     return (n * P_std + P_mean).exp()
-
-
-class Noise:
-    """The random draws of one micro-batch: ``randn`` / ``rand`` return [B, *shape] for a named draw."""
-
-    def randn(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def rand(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class TorchNoise(Noise):
-    """Draws from torch's global generator, in call order."""
-
-    def __init__(self, batch: int, device: torch.device | str = "cpu") -> None:
-        self.batch, self.device = batch, device
-
-    def randn(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randn([self.batch, *shape], device=self.device)
-
-    def rand(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.rand([self.batch, *shape], device=self.device)
 
 
 def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:

@@ -212,7 +212,7 @@ INNER_INTERFACE = ("img_resolution", "in_channels", "out_channels", "img_channel
 TRAINING_FLAGS = ("force_normalization", "use_gan")  # SiD's EDM2 training switches, not architecture
 
 
-def network_settings(record: Record, tensors: dict[str, torch.Tensor]) -> dict:
+def recorded_settings(record: Record, tensors: dict[str, torch.Tensor]) -> dict:
     """sidcore constructor settings (``build_network`` keywords) of a preconditioner record."""
     if record.class_name not in PRECONDITIONERS:
         raise ValueError(f"top-level network class {record.class_name!r} is not a known preconditioner "
@@ -268,7 +268,7 @@ def convert(path: str | os.PathLike, key: str = "ema", network: dict | None = No
     from sidcore.networks import build_network
     record = load_records(path, key)
     tensors = module_tensors(record)
-    recorded = network_settings(record, tensors)
+    recorded = recorded_settings(record, tensors)
     settings = dict(network) if network is not None else recorded
     try:
         net = build_network(**settings)

@@ -17,7 +17,16 @@ import zlib
 
 import torch
 
-from sidcore.losses import Noise
+
+class Noise:
+    """The random draws of one micro-batch: ``randn`` / ``rand`` return [B, *shape] for a named draw."""
+
+    def randn(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rand(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
 
 ELEMENT_BITS = 24  # up to 2^24 numbers per sample and stream (EDM2 latents use 16,384)
 

@@ -7,6 +7,20 @@ import torch
 
 from sidcore import losses
 from sidcore.distill import Distiller, batch_arithmetic, ema_beta, sanitize_grads
+from sidcore.randomness import Noise
+
+
+class TorchNoise(Noise):
+    """Draws from torch's global generator, in call order (so a test can replay them)."""
+
+    def __init__(self, batch: int, device: torch.device | str = "cpu") -> None:
+        self.batch, self.device = batch, device
+
+    def randn(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn([self.batch, *shape], device=self.device)
+
+    def rand(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand([self.batch, *shape], device=self.device)
 
 
 def test_generator_sigma_schedule_endpoints():
@@ -86,7 +100,7 @@ def test_a_nan_sample_counts_zero_and_leaves_the_others_as_if_it_were_absent():
 
     torch.manual_seed(0)
     x_g = torch.randn(3, 1, 4, 4, requires_grad=True)
-    noise = losses.TorchNoise(3)
+    noise = TorchNoise(3)
     torch.manual_seed(1)
     loss, _, keep = losses.SiDLoss(alpha=1.2).generator(NaNOnSample1(), Recorder(0.2), x_g, torch.zeros(3, 0),
                                                         noise, adversarial=False)
@@ -123,7 +137,7 @@ def test_generator_loss_gradient_reaches_g_through_both_networks():
     x_g = torch.randn(4, 2, 4, 4, requires_grad=True)
     torch.manual_seed(1)
     loss_sid, loss_gan, keep = losses.SiDLoss(alpha=1.2).generator(true_score, fake_score, x_g, torch.zeros(4, 0),
-                                                                   losses.TorchNoise(4), adversarial=False)
+                                                                   TorchNoise(4), adversarial=False)
     assert keep.all()
     assert loss_gan is None and loss_sid.shape == (4,)
     assert true_score.seen == [(True, "decoder")] and fake_score.seen == [(True, "decoder")]
@@ -150,7 +164,7 @@ def test_sida_generator_loss_pools_fakeness_and_divides_by_w():
     x_g = torch.randn(3, 1, 4, 4, requires_grad=True)
     torch.manual_seed(1)
     loss_sid, loss_gan, _ = losses.SiDLoss(alpha=1.0).generator(Recorder(0.7), fake_score, x_g, torch.zeros(3, 0),
-                                                                losses.TorchNoise(3), adversarial=True)
+                                                                TorchNoise(3), adversarial=True)
     assert fake_score.seen == [(True, "encoder_decoder")]
     assert loss_gan.shape == (3,)
     # loss_gan(i) = b / w_i with one pooled b: the products loss_gan(i)·w_i all agree.
@@ -168,7 +182,7 @@ def test_fake_score_and_discriminator_share_noise_and_sigma():
     x_g, x_real = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     torch.manual_seed(1)
     loss_psi, loss_D, _ = losses.SiDLoss(alpha=1.0).fake_score_discriminator(fake_score, x_g, x_real,
-                                                                             torch.zeros(2, 0), losses.TorchNoise(2))
+                                                                             torch.zeros(2, 0), TorchNoise(2))
     assert [flag for _, flag in fake_score.seen] == ["encoder_decoder", "encoder"]
     assert not any(req for req, _ in fake_score.seen)  # x_g carries no gradient on this step
     # By hand with the same draws: L_ψ = Σ λ(σ)(0.5(x_g+n) − x_g)², L_D = λ(σ)·BCE(real, fake).
