@@ -16,6 +16,7 @@ COMMANDS = {
     "train-teacher": "sidcore.commands",
     "convert-network": "sidcore.persistence",
     "distill": "sidcore.commands",
+    "ddp-check": "sidcore.commands",
     "evaluate": "sidcore.commands",
     "summarize": "sidcore.summary",
     "download": "sidcore.download",
@@ -24,6 +25,7 @@ COMMANDS = {
     "tabulate": "sidcore.report.tabulate",
     "plot": "sidcore.report.plot",
     "benchmark": "sidcore.benchmark",
+    "launch": "sidcore.launch",
 }
 
 
@@ -34,6 +36,9 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program itself: take over the stop signals the launcher may have blocked
+        from sidcore import stopping
+        stopping.watch(resumable=sys.argv[1:2] == ["distill"])
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "download":
         os.environ.update(OFFLINE_ENV)

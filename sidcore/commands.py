@@ -6,6 +6,7 @@ input and output paths, so the workflow states every file a job reads and writes
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -70,8 +71,9 @@ def train_teacher(args: argparse.Namespace) -> int:
 
 
 def distill(args: argparse.Namespace) -> int:
-    from sidcore.distill import REQUEUE_EXIT, Distiller
-    from sidcore.distributed import init_from_env
+    from sidcore import REQUEUE_EXIT
+    from sidcore.distill import Distiller
+    from sidcore.distributed import init_from_env, shutdown
     from sidcore.evaluate import Evaluator, generator_sampler, run_seed
     settings = _settings(args)
     Path(args.outdir).mkdir(parents=True, exist_ok=True)
@@ -90,7 +92,10 @@ def distill(args: argparse.Namespace) -> int:
     def evaluate(G_ema):
         return evaluator(generator_sampler(G_ema, d["init_sigma"]), d["eval_images"], batch, seed)
 
-    return 0 if distiller.run(evaluate, log=_log) else REQUEUE_EXIT
+    try:
+        return 0 if distiller.run(evaluate, log=_log) else REQUEUE_EXIT
+    finally:
+        shutdown(ctx)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -101,6 +106,34 @@ def evaluate(args: argparse.Namespace) -> int:
                                 settings["evaluation"]["runs"], vae=args.vae):
         write_json(result, Path(args.outdir) / f"run{result['run']}.json")
         _log(f"run {result['run']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+    return 0
+
+
+def ddp_check(args: argparse.Namespace) -> int:
+    """All-reduce across the job's processes: shows that ranks, rendezvous and backend work before a long run."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from sidcore.distributed import gather, init_from_env, shutdown
+    ctx = init_from_env()
+    total = torch.tensor([float(ctx.rank + 1)], device=ctx.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(total)
+    expected = ctx.world_size * (ctx.world_size + 1) / 2
+    ranks = gather(ctx, {"rank": ctx.rank, "host": socket.gethostname(), "device": str(ctx.device),
+                         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    shutdown(ctx)
+    if ctx.is_main:
+        from sidcore.summary import write_json
+        result = {"world_size": ctx.world_size, "backend": backend, "sum": total.item(), "expected": expected,
+                  "ranks": ranks}
+        write_json(result, Path(args.out))
+        _log(f"{ctx.world_size} processes ({backend}): all-reduce sum {total.item():g}, expected {expected:g}")
+    if total.item() != expected:
+        raise RuntimeError(f"all-reduce gave {total.item()} on rank {ctx.rank}, expected {expected}")
     return 0
 
 
@@ -125,6 +158,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(flag, required=True)
     p.add_argument("--init", help="SiD²A: generator snapshot to start from")
     add_model_inputs(p)
+
+    p = subparsers.add_parser("ddp-check", help="all-reduce across the job's processes (checks a launch set-up)")
+    p.add_argument("--out", required=True, help="JSON written by rank 0: world size, backend, sum, ranks")
+    p.set_defaults(func=ddp_check)
 
     p = add("evaluate", evaluate, "the evaluation runs of a generator or teacher (writes OUTDIR/run{r}.json)")
     for flag in ("--model", "--data", "--refs", "--detector-weights", "--outdir"):

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
-from sidcore import checkpoint
+from sidcore import checkpoint, stopping
 from sidcore.atomic import atomic_path
 from sidcore.dataset import ShuffledOrder, read_image_zip
 from sidcore.distributed import Context, any_rank, barrier, broadcast, gather, to_device
@@ -41,10 +41,8 @@ from sidcore.networks import build_network
 from sidcore.networks.edm2 import force_weight_normalization_
 from sidcore.randomness import SampleNoise, micro_batch_positions
 from sidcore.sampling import image_grid, one_step, to_pixels
-from sidcore.settings import generator_settings
+from sidcore.settings import batch_arithmetic, generator_settings
 
-REQUEUE_EXIT = 3  # exit status of a run stopped by SIGUSR2 / SIGTERM after saving its state: requeue me
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 EvaluateFn = Callable[[torch.nn.Module], dict]
 
@@ -97,17 +95,6 @@ def sanitize_grads(net: torch.nn.Module, clip: float | None) -> None:
             torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
     if clip is not None:
         torch.nn.utils.clip_grad_value_(net.parameters(), clip)
-
-
-def batch_arithmetic(batch: int, batch_gpu: int, world_size: int) -> tuple[int, int]:
-    """(per-GPU images per iteration B_tot, accumulation rounds R) with the official consistency check."""
-    if batch % world_size:
-        raise ValueError(f"distill.batch={batch} is not divisible by the {world_size} GPUs")
-    total = batch // world_size
-    micro = min(batch_gpu, total)
-    if total % micro:
-        raise ValueError(f"distill.batch_gpu={batch_gpu} does not divide the per-GPU batch {total}")
-    return total, total // micro
 
 
 class Distiller:
@@ -305,8 +292,11 @@ class Distiller:
         iterations = 0
         with stop_signals(self):
             while True:
-                stage = self.iteration(stats)
-                iterations += 1
+                if self.cur_nimg < total_nimg:
+                    stage = self.iteration(stats)
+                    iterations += 1
+                else:  # stopped after its last iteration: only the last tick's evaluation and publishing are left
+                    stage = self.stage()
                 done = self.cur_nimg >= total_nimg
                 if any_rank(ctx, self.stop_signal is not None):
                     self.save_state()
@@ -464,7 +454,9 @@ def stop_signals(distiller: Distiller):
     def handler(signum, frame):
         distiller.stop_signal = (signum, distiller.cur_nimg)
 
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    if stopping.received() is not None:  # it came while the command was loading
+        handler(stopping.received(), None)
+    previous = {s: signal.signal(s, handler) for s in stopping.STOP_SIGNALS}
     try:
         yield
     finally:
@@ -474,7 +466,7 @@ def stop_signals(distiller: Distiller):
 
 def format_record(r: dict, best_fid: float) -> str:
     parts = [f"tick {r['tick']:<4d}", f"kimg {r['kimg']:<8.1f}", f"stage {r['stage']}",
-             f"sec/kimg {r['sec_per_kimg']:<7.2f}", f"eta {r['eta_sec'] / 60:6.1f} min",
+             f"sec/kimg {r['sec_per_kimg']:<7.2f}", f"eta {max(r['eta_sec'], 0) / 60:6.1f} min",
              f"mem {r['peak_mem_mb']:.0f} MB"]
     parts += [f"{k} {v:.4g}" for k, v in r.items() if k.startswith("loss")]
     if r.get("nan_skipped"):

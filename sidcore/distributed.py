@@ -52,6 +52,12 @@ def init_from_env() -> Context:
     return Context(rank, world_size, local_rank, device, cpu_group)
 
 
+def shutdown(ctx: Context) -> None:
+    """Leave the process group (a process that exits without it may abort in gloo's destructor)."""
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(ctx: Context) -> None:
     if ctx.world_size > 1:
         dist.barrier()

@@ -19,6 +19,7 @@ def resolve(config: dict, dataset: str, method: str | None = None, alpha: float 
         raise KeyError(f"datasets.{dataset}: no such dataset in config.yaml (known: {sorted(config['datasets'])})")
     entry = copy.deepcopy(config["datasets"][dataset])
     methods = entry.pop("methods")
+    entry.pop("cluster", None)  # where jobs run is no setting of theirs (see cluster_job)
     out = {"dataset": dataset, **entry}
     out["evaluation"] = {**config["evaluation"], **entry.get("evaluation", {})}
     if method is not None:
@@ -42,6 +43,32 @@ STAGE_KEYS = {
     "evaluate_teacher": ("dataset", "size", "resolution", "channels", "label_dim", "network", "latent", "detector",
                          "metrics", "evaluation", "teacher_eval"),
 }
+
+
+def batch_arithmetic(batch: int, batch_gpu: int, world_size: int) -> tuple[int, int]:
+    """(per-GPU images per iteration B_tot, accumulation rounds R) with the official consistency check."""
+    if batch % world_size:
+        raise ValueError(f"distill.batch={batch} is not divisible by the {world_size} GPUs")
+    total = batch // world_size
+    micro = min(batch_gpu, total)
+    if total % micro:
+        raise ValueError(f"distill.batch_gpu={batch_gpu} does not divide the per-GPU batch {total}")
+    return total, total // micro
+
+
+GPU_STAGES = ("distill", "evaluate", "encode")
+
+
+def cluster_job(config: dict, dataset: str, stage: str) -> dict:
+    """Resources of ``dataset``'s ``stage`` job: config.yaml's ``cluster.jobs`` with the dataset's overrides.
+    GPU stages get ``partition``, the CPU rules (stage ``cpu``) ``cpu_partition``."""
+    cluster, own = config["cluster"], config["datasets"][dataset].get("cluster", {})
+    job = {**cluster["jobs"][stage], **own.get("jobs", {}).get(stage, {})}
+    gpu = stage in GPU_STAGES
+    job["partition"] = own.get("partition", cluster["partition"]) if gpu else cluster["cpu_partition"]
+    for key in ("account", "qos") + (("signal_delay_s", "max_requeues") if gpu else ()):
+        job[key] = cluster[key]
+    return job
 
 
 def for_stage(settings: dict, stage: str) -> dict:

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_distill import fake_fid, settings  # noqa: E402
 
 from sidcore import checkpoint  # noqa: E402
-from sidcore.distill import REQUEUE_EXIT, Distiller  # noqa: E402
+from sidcore import REQUEUE_EXIT  # noqa: E402
+from sidcore.distill import Distiller  # noqa: E402
 from sidcore.distributed import init_from_env  # noqa: E402
 
 

@@ -1,6 +1,7 @@
 """The distillation loop on a tiny random teacher: outputs, stages, and resuming where a run stopped."""
 import copy
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -106,6 +107,33 @@ def test_interrupted_run_resumes_bit_identically(files, tmp_path):
     for key in ("G", "G_ema", "fake_score"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert (ref / "log.jsonl").read_text().count("\n") == (out / "log.jsonl").read_text().count("\n")
+
+
+class StoppedAtTheEnd(Distiller):
+    """Receives a stop signal during its last iteration."""
+
+    def iteration(self, stats):
+        stage = super().iteration(stats)
+        if self.cur_nimg >= self.d["duration_kimg"] * 1000:
+            self.stop_signal = (signal.SIGUSR2, self.cur_nimg)
+        return stage
+
+
+def test_a_run_stopped_after_its_last_iteration_resumes_without_another(files, tmp_path):
+    s = settings("sid")
+    ref, out = tmp_path / "ref", tmp_path / "stopped"
+    for d in (ref, out):
+        d.mkdir()
+    Distiller(s, files / "teacher.pt", files / "data.zip", ref).run(fake_fid, log=lambda m: None)
+    assert StoppedAtTheEnd(s, files / "teacher.pt", files / "data.zip", out).run(fake_fid, log=lambda m: None) is False
+    assert not (out / "generator.pt").exists()
+    resumed = Distiller(s, files / "teacher.pt", files / "data.zip", out)
+    assert resumed.run(fake_fid, log=lambda m: None) is True
+    assert resumed.cur_nimg == s["distill"]["duration_kimg"] * 1000  # no iteration past the end
+    a, b = weights(ref), weights(out)
+    for key in ("G", "G_ema", "fake_score"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert (out / "generator.pt").exists()
 
 
 def test_resume_with_changed_settings_is_refused(files, tmp_path):

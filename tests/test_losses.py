@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sidcore import losses
-from sidcore.distill import Distiller, batch_arithmetic, ema_beta, sanitize_grads
+from sidcore.distill import Distiller, ema_beta, sanitize_grads
+from sidcore.settings import batch_arithmetic
 from sidcore.randomness import Noise
 
 

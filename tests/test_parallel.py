@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidcore import checkpoint
-from sidcore.distill import REQUEUE_EXIT
+from sidcore import REQUEUE_EXIT, checkpoint
 from test_distill import make_toy
 
 WORKER = Path(__file__).parent / "distill_worker.py"

@@ -46,6 +46,10 @@ def overlay(workdir: Path, text: str) -> str:
 
 @pytest.mark.parametrize("text, key", [
     ("datasets: {tiny: {methods: {sid: {alphas: [one]}}}}", "alphas"),
+    ("launcher: pbs", "launcher"),
+    ("cluster: {jobs: {distill: {gpus_per_node: 0}}}", "gpus_per_node"),
+    ("datasets: {tiny: {cluster: {jobs: {distill: {gpus_per_node: 3}}}}}", "cluster.jobs.distill"),
+    ("datasets: {tiny: {cluster: {jobs: {evaluate: {gpus_per_node: 2}}}}}", "cluster.jobs.evaluate"),
     ("datasets: {tiny: {distill: {batch: -64}}}", "batch"),
     ("datasets: {tiny: {bogus_key: 1}}", "bogus_key"),
     ("evaluation: {runs: 0}", "runs"),
@@ -103,7 +107,7 @@ def test_paper_table_dags(workdir, table, datasets):
     n_runs = sum(len(s["alphas"]) for d in datasets for s in cfg[d]["methods"].values())
     assert counts["evaluate_generator"] == n_runs
     assert counts["convert_teacher"] == len(datasets)
-    assert counts["prepare_data"] == len({cfg[d]["data"].get("name", d) for d in datasets})
+    assert counts["prepare_data"] + counts["encode_latents"] == len({cfg[d]["data"].get("name", d) for d in datasets})
     assert counts["tabulate"] == 1
 
 
@@ -134,9 +138,10 @@ def test_edm2_prefetch_jobs_run_on_the_login_node(workdir):
                            timeout=300)
     assert local.returncode == 0, local.stderr[-3000:]
     local_rules = set(local.stdout.split())
-    assert "download" in local_rules
-    assert not local_rules & {"prepare_data", "convert_teacher", "distill_sid", "distill_sida", "distill_sid2a",
-                              "evaluate_generator"}
+    # Local: downloads, and the GPU stages, which only wait for the job `sidcore launch` submits.
+    assert {"download", "distill_sid", "distill_sida", "distill_sid2a", "evaluate_generator", "evaluate_teacher",
+            "encode_latents"} <= local_rules
+    assert not local_rules & {"prepare_data", "convert_teacher", "convert_generator"}  # CPU jobs, sent to SLURM
 
 
 STUB = """#!/usr/bin/env python3
@@ -144,6 +149,8 @@ STUB = """#!/usr/bin/env python3
 import sys
 from pathlib import Path
 args = sys.argv[1:]
+if args[0] == "launch":  # a GPU stage: the command after `--`
+    args = args[args.index("--") + 1:]
 outs = [args[i + 1] for i, a in enumerate(args) if a == "--out"]
 for i, a in enumerate(args):
     if a == "--outdir":
@@ -156,6 +163,43 @@ for out in outs:
         q.parent.mkdir(parents=True, exist_ok=True)
         q.write_text("stub")
 """
+
+
+def copy_repository(dest: Path) -> Path:
+    """The files a fresh clone has at its root that Snakemake reads."""
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(ROOT / name, dest / name)
+    for name in ("workflow", "profiles", "slurm"):
+        shutil.copytree(ROOT / name, dest / name)
+    return dest
+
+
+def test_slurm_profile_plans_the_edm2_table_with_gpu_resources(tmp_path):
+    """`snakemake --profile slurm -n results/tables/edm2.csv`, typed at the repository root."""
+    work = copy_repository(tmp_path)
+    r = subprocess.run([*SNAKEMAKE, "--profile", "slurm", "-n", "-p", "results/tables/edm2.csv"], cwd=work,
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "Using profiles slurm and workflow specific profile profiles/default" in out
+    blocks = out.split("\n\n")
+    distill = [b for b in blocks if re.search(r"rule distill_sid2?a?:", b)]
+    assert len(distill) == 18  # 6 sizes × SiD, SiDA, SiD²A
+    for b in distill:  # Table 8's node of 8 GPUs, the GPU partition, and a SLURM job through the launcher
+        assert "nodes=1, gpus_per_node=8" in b and "slurm_partition=gpu" in b, b
+        assert "sidcore launch --executor slurm" in b and "--gpus-per-node 8" in b, b
+    xxl = next(b for b in distill if "edm2-xxl/sida/" in b)
+    assert "--name distill-edm2-xxl-sida-1.0 " in xxl and "--logdir logs/jobs/distill-edm2-xxl-sida-1.0 " in xxl
+
+
+def test_default_profile_runs_gpu_stages_as_local_processes(tmp_path):
+    work = copy_repository(tmp_path)
+    r = subprocess.run([*SNAKEMAKE, "-n", "-p", "results/tables/tiny.csv"], cwd=work, capture_output=True, text=True,
+                       timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "Using workflow specific profile profiles/default" in out
+    assert "sidcore launch --executor local" in out and "--executor slurm" not in out
 
 
 def test_new_alpha_adds_only_its_jobs(workdir):

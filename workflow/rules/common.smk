@@ -8,8 +8,14 @@
 #   results/{dataset}/{method}/alpha{alpha}/eval/     run{r}.json per evaluation run, summary.json
 #   results/{dataset}/teacher/eval/                   the teacher's evaluation (where configured)
 #   results/tables/{table}.csv|md, results/plots/{dataset}.png|pdf
+#   logs/jobs/{job}/                                  a GPU stage's job ids (jobs.txt) and per-task logs
+#
+# GPU stages (distill, evaluate, VAE encoding) are local rules that call `sidcore launch`, which runs the
+# stage as local processes or as one SLURM job (config.yaml `launcher`) and waits for it; the other rules
+# are CPU jobs, sent to SLURM by Snakemake's executor under the slurm profile.
 from sidcore.registry import artifacts
-from sidcore.settings import METHODS, dumps, for_stage, generator_settings, network_settings, resolve
+from sidcore.settings import (METHODS, batch_arithmetic, cluster_job, dumps, for_stage, generator_settings,
+                              network_settings, resolve)
 
 DATASETS = config["datasets"]
 ARTIFACT_GROUPS = sorted({key.split("/", 1)[0] for key in artifacts()})
@@ -42,15 +48,91 @@ def check_config() -> None:
         for key in artifact_keys(name):
             if key not in artifacts():
                 raise ValueError(f"datasets.{name}: unknown artifact key {key!r} (see sidcore/data/artifacts.yaml)")
+        job = cluster_job(config, name, "distill")
+        world = job["nodes"] * job["gpus_per_node"]
         for method, spec in d["methods"].items():
-            dist = {**d["distill"], **spec.get("distill", {})}
-            if dist["batch"] % min(dist["batch_gpu"], dist["batch"]):
-                raise ValueError(f"datasets.{name}.methods.{method}: batch {dist['batch']} is not a multiple "
-                                 f"of batch_gpu {dist['batch_gpu']}")
+            for alpha in spec["alphas"]:
+                dist = resolve(config, name, method, alpha)["distill"]
+                try:
+                    batch_arithmetic(dist["batch"], dist["batch_gpu"], world)
+                except ValueError as e:
+                    raise ValueError(f"datasets.{name}.methods.{method} (alpha {alpha}) with {world} processes "
+                                     f"(cluster.jobs.distill nodes × gpus_per_node): {e}") from None
+        for stage in ("evaluate", "encode"):
+            job = cluster_job(config, name, stage)
+            if job["nodes"] * job["gpus_per_node"] != 1:
+                raise ValueError(f"datasets.{name}.cluster.jobs.{stage}: this stage runs as one process; "
+                                 "set nodes and gpus_per_node to 1")
             if spec.get("init") == "released":
                 missing = [a for a in spec["alphas"] if alpha_str(a) not in spec["released"]]
                 if missing:
                     raise ValueError(f"datasets.{name}.methods.{method}.released: no generator for alphas {missing}")
+
+
+def job_dataset(w) -> str:
+    """The dataset a job belongs to (an encoding job is named by its data)."""
+    return w.dataset if "dataset" in w.keys() else dataset_of_data(w.data)
+
+
+def job_name(stage, w) -> str:
+    return "-".join([stage, *map(str, w)])
+
+
+def launch_params(stage):
+    """A GPU stage's job name and the folder of its job ids and per-task logs."""
+    return {"jobname": lambda w: job_name(stage, w), "jobdir": lambda w: f"logs/jobs/{job_name(stage, w)}"}
+
+
+def gpu_resources(stage):
+    """What a GPU stage's job asks for: shown in the plan (`snakemake -n`) and passed to the launcher.
+    Resources, unlike params, do not make Snakemake rerun a finished job when they change."""
+    def get(key):
+        return lambda w: cluster_job(config, job_dataset(w), stage)[key]
+
+    return {"nodes": get("nodes"), "gpus_per_node": get("gpus_per_node"), "cpus_per_task": get("cpus_per_task"),
+            "mem_mb": lambda w: int(get("mem_gb")(w) * 1024), "runtime": get("time_min"),
+            "slurm_partition": get("partition")}
+
+
+def launch_flags() -> str:
+    """The launcher's flags common to every GPU stage (see `sidcore launch --help`)."""
+    c = config["cluster"]
+    flags = f"--executor {config['launcher']} --signal-delay-s {c['signal_delay_s']} --max-requeues {c['max_requeues']}"
+    return flags + "".join(f" --{key} {c[key]}" for key in ("account", "qos") if c[key])
+
+
+# The launch command of a GPU stage's rule, before `-- COMMAND ...`.
+LAUNCH = ("sidcore launch {LAUNCH_FLAGS} --name {params.jobname} --nodes {resources.nodes}"
+          " --gpus-per-node {resources.gpus_per_node} --cpus-per-task {resources.cpus_per_task}"
+          " --mem-mb {resources.mem_mb} --time-min {resources.runtime} --partition {resources.slurm_partition}"
+          " --logdir {params.jobdir}")
+
+
+def launch_threads(stage):
+    """Cores a GPU stage takes where Snakemake runs: all its processes with the local launcher, else one."""
+    def threads(w):
+        job = cluster_job(config, job_dataset(w), stage)
+        return job["nodes"] * job["gpus_per_node"] if config["launcher"] == "local" else 1
+
+    return threads
+
+
+def cpu_resources():
+    """SLURM resources of the CPU rules (Snakemake's executor submits them under the slurm profile);
+    a dataset's `cluster.jobs.cpu` applies to the rules of that dataset."""
+    def job(w):
+        if "dataset" in w.keys() or "data" in w.keys():
+            return cluster_job(config, job_dataset(w), "cpu")
+        return {**config["cluster"]["jobs"]["cpu"], "partition": config["cluster"]["cpu_partition"]}
+
+    c = config["cluster"]
+    out = {"cpus_per_task": lambda w: job(w)["cpus_per_task"], "mem_mb": lambda w: int(job(w)["mem_gb"] * 1024),
+           "runtime": lambda w: job(w)["time_min"], "slurm_partition": lambda w: job(w)["partition"]}
+    if c["account"]:
+        out["slurm_account"] = c["account"]
+    if c["qos"]:
+        out["slurm_extra"] = f"'--qos={c['qos']}'"
+    return out
 
 
 def alpha_str(alpha) -> str:
@@ -201,3 +283,5 @@ def eval_args(w, input) -> str:
 
 
 check_config()
+LAUNCH_FLAGS = launch_flags()
+LATENT_DATA = "|".join(data_name(n) for n, d in DATASETS.items() if d["data"]["source"] == "vae-latents") or "(?!)"

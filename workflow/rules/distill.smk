@@ -1,5 +1,6 @@
 # SiD from the teacher; SiDA from the teacher; SiD²A from a SiD generator. One job per (dataset, alpha).
-# A rerun of an interrupted job resumes from results/.../training-state.pt.
+# A rerun of an interrupted job resumes from results/.../training-state.pt; under SLURM a job that reaches
+# its time limit or is preempted saves its state, is requeued and resumes by itself.
 
 
 rule distill_sid:
@@ -12,15 +13,21 @@ rule distill_sid:
     wildcard_constraints:
         method="sid",
     params:
+        **launch_params("distill"),
         settings=lambda w: settings(w.dataset, w.method, w.alpha),
         outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
         init="",
         extra=eval_args,
     log:
         "logs/distill/{dataset}-{method}-alpha{alpha}.log",
+    localrule: True
+    threads: launch_threads("distill")
+    resources:
+        **gpu_resources("distill"),
     priority: 10  # start distillations before evaluations that could wait
     shell:
-        "sidcore distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
+        LAUNCH + " --"
+        " distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.init}"
         " {params.extra}"
         " > {log} 2>&1"
@@ -29,6 +36,7 @@ rule distill_sid:
 use rule distill_sid as distill_sida with:
     wildcard_constraints:
         method="sida",
+    localrule: True  # not inherited by `use rule`
 
 
 use rule distill_sid as distill_sid2a with:
@@ -38,7 +46,9 @@ use rule distill_sid as distill_sid2a with:
         init=init_file,
     wildcard_constraints:
         method="sid2a",
+    localrule: True
     params:
+        **launch_params("distill"),
         settings=lambda w: settings(w.dataset, w.method, w.alpha),
         outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
         init=lambda w, input: f"--init {input.init}",

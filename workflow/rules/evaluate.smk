@@ -11,13 +11,19 @@ rule evaluate_generator:
     output:
         [f"results/{{dataset}}/{{method}}/alpha{{alpha}}/eval/{r}" for r in RUNS],
     params:
+        **launch_params("evaluate"),
         settings=lambda w: settings(w.dataset, w.method, w.alpha),
         outdir=lambda w: f"{run_dir(w.dataset, w.method, w.alpha)}/eval",
         extra=eval_args,
     log:
         "logs/evaluate/{dataset}-{method}-alpha{alpha}.log",
+    localrule: True
+    threads: launch_threads("evaluate")
+    resources:
+        **gpu_resources("evaluate"),
     shell:
-        "sidcore evaluate --settings {params.settings:q} --kind generator --model {input.model} --data {input.data}"
+        LAUNCH + " --"
+        " evaluate --settings {params.settings:q} --kind generator --model {input.model} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.extra}"
         " > {log} 2>&1"
 
@@ -29,14 +35,20 @@ rule evaluate_teacher:
     output:
         [f"results/{{dataset}}/teacher/eval/{r}" for r in RUNS],
     params:
+        **launch_params("evaluate"),
         settings=lambda w: settings(w.dataset, stage="evaluate_teacher"),
         outdir="results/{dataset}/teacher/eval",
         extra=eval_args,
     log:
         "logs/evaluate/{dataset}-teacher.log",
+    localrule: True
+    threads: launch_threads("evaluate")
+    resources:
+        **gpu_resources("evaluate"),
     priority: 20  # a long job that only needs the teacher: start it first
     shell:
-        "sidcore evaluate --settings {params.settings:q} --kind teacher --model {input.model} --data {input.data}"
+        LAUNCH + " --"
+        " evaluate --settings {params.settings:q} --kind teacher --model {input.model} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.extra}"
         " > {log} 2>&1"
 

@@ -29,8 +29,35 @@ rule prepare_data:
         args=lambda w: prepare_args(w.data),
     log:
         "logs/prepare_data/{data}.log",
+    resources:
+        **cpu_resources(),
     shell:
         "sidcore prepare-data --settings {params.settings:q} {params.args} --out {output} > {log} 2>&1"
+
+
+# Latent datasets are encoded by the VAE on a GPU: the same command, as a GPU stage.
+rule encode_latents:
+    input:
+        unpack(prepare_inputs),
+    output:
+        "resources/data/{data}.zip",
+    wildcard_constraints:
+        data=LATENT_DATA,
+    params:
+        **launch_params("encode"),
+        settings=lambda w: settings(dataset_of_data(w.data), stage="prepare"),
+        args=lambda w: prepare_args(w.data),
+    log:
+        "logs/encode_latents/{data}.log",
+    localrule: True
+    threads: launch_threads("encode")
+    resources:
+        **gpu_resources("encode"),
+    shell:
+        LAUNCH + " -- prepare-data --settings {params.settings:q} {params.args} --out {output} > {log} 2>&1"
+
+
+ruleorder: encode_latents > prepare_data
 
 
 rule convert_teacher:
@@ -42,6 +69,8 @@ rule convert_teacher:
         network=lambda w: network_json(f"teacher/{w.name}"),
     log:
         "logs/convert/teacher-{name}.log",
+    resources:
+        **cpu_resources(),
     shell:
         "sidcore convert-network --src {input} --out {output} --network {params.network:q} > {log} 2>&1"
 
@@ -68,6 +97,8 @@ rule train_teacher:
         settings=lambda w: settings(w.dataset, stage="train_teacher"),
     log:
         "logs/train_teacher/{dataset}.log",
+    resources:
+        **cpu_resources(),
     shell:
         "sidcore train-teacher --settings {params.settings:q} --data {input.data} --out {output} > {log} 2>&1"
 
@@ -82,6 +113,8 @@ rule compute_reference:
         detector=lambda w: DATASETS[w.dataset]["detector"]["name"],
     log:
         "logs/compute_reference/{dataset}.log",
+    resources:
+        **cpu_resources(),
     shell:
         "sidcore ref-stats --data {input.data} --detector {params.detector} --detector-weights {input.detector}"
         " --out {output} > {log} 2>&1"
@@ -96,5 +129,7 @@ rule train_detector:
         epochs=lambda w: DATASETS[w.dataset]["detector"].get("epochs", 20),
     log:
         "logs/train_detector/{dataset}.log",
+    resources:
+        **cpu_resources(),
     shell:
         "sidcore train-detector --data {input.data} --out {output} --seed 0 --epochs {params.epochs} > {log} 2>&1"

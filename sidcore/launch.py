@@ -1,0 +1,245 @@
+"""Run a ``sidcore`` compute command as one submitit job of nodes × tasks-per-node processes.
+
+This is the only module that knows about SLURM. The job is either a SLURM job (``executor: slurm``) or
+local processes (submitit's local executor), so a laptop runs the same code path with gloo. Each task
+exports torch.distributed's variables and runs the command in a child process; the launcher waits, relays
+rank 0's output, and on failure reports the job id, its state and the tail of every task's log.
+
+Time limits and preemption: SLURM sends SIGUSR2 ``signal_delay_s`` before the limit. Every task passes it
+to its command, which finishes the iteration, saves its state and exits with ``REQUEUE_EXIT``; rank 0 then
+lets submitit requeue the job (at most ``max_requeues`` time-outs), and the command resumes from its state.
+A SIGTERM (``scontrol requeue``, preemption) is passed on the same way; SLURM then requeues the job itself.
+Interrupting the launcher cancels the job.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
+from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
+
+from sidcore import REQUEUE_EXIT, stopping
+
+EXECUTORS = ("local", "slurm")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Resources of one job (config.yaml ``cluster``, merged for a dataset and stage by the workflow).
+    A job of 0 GPUs per node runs one process per node."""
+
+    executor: str
+    name: str
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 1
+    mem_mb: int = 8192
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    signal_delay_s: int = 120
+    max_requeues: int = 10
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"launch: executor {self.executor!r} is not one of {EXECUTORS} (config.yaml `launcher`)")
+        if self.executor == "local" and self.nodes != 1:
+            raise ValueError(f"launch: the local executor runs on one node, not {self.nodes}")
+
+    @property
+    def tasks_per_node(self) -> int:
+        """One process per GPU; a CPU-only job (0 GPUs) runs one process per node."""
+        return max(self.gpus_per_node, 1)
+
+    def executor_parameters(self) -> dict:
+        params = dict(name=self.name, nodes=self.nodes, tasks_per_node=self.tasks_per_node,
+                      gpus_per_node=self.gpus_per_node, cpus_per_task=self.cpus_per_task, mem_gb=self.mem_mb / 1024,
+                      timeout_min=self.time_min)
+        if self.executor == "slurm":
+            params.update(slurm_signal_delay_s=self.signal_delay_s)
+            params.update({f"slurm_{k}": getattr(self, k) for k in ("partition", "account", "qos")
+                           if getattr(self, k)})
+        return params
+
+
+class StageTask(Checkpointable):
+    """What every task of the job runs: ``sidcore <argv>`` in a child process, with the rank's environment."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = list(argv)
+        self._child: subprocess.Popen | None = None
+        self._status: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {"argv": self.argv}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["argv"])
+
+    def __call__(self) -> int:
+        env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # the child starts with the stop signals blocked (pending, not lost) until its main() takes them over
+        self._child = subprocess.Popen([sys.executable, "-m", "sidcore.cli", *self.argv], preexec_fn=stopping.block)
+        for signum in stopping.STOP_SIGNALS:  # pass the signal on, then let submitit's handler act (rank 0 requeues)
+            signal.signal(signum, self._forwarder(signal.getsignal(signum)))
+        try:
+            status = self._wait()
+        except UncompletedJobError:  # submitit refused to requeue: the command ended as the signal came
+            status = self._wait()
+            if status != 0:
+                raise
+        if status == 0:
+            for signum in stopping.STOP_SIGNALS:  # done: a late warning must not kill the exiting task
+                signal.signal(signum, signal.SIG_IGN)
+            return env.rank
+        if status == REQUEUE_EXIT:
+            self._await_requeue(env.rank)
+        raise RuntimeError(f"`sidcore {' '.join(self.argv[:1])}` exited with status {status} on rank {env.rank}")
+
+    def checkpoint(self, *args, **kwargs) -> DelayedSubmission | None:
+        """Rank 0 on SIGUSR2: wait until the command has saved its state; requeue if it stopped early."""
+        return DelayedSubmission(StageTask(self.argv)) if self._wait() == REQUEUE_EXIT else None
+
+    def _forwarder(self, previous):
+        def forward(signum, frame):
+            if self._child is not None and self._status is None:  # not yet reaped: the pid is still the child's
+                os.kill(self._child.pid, signum)
+            if callable(previous):
+                previous(signum, frame)
+        return forward
+
+    def _wait(self) -> int:
+        """The child's exit status (reaped here with waitpid, so a signal handler may wait too)."""
+        while self._status is None:
+            try:
+                pid, status = os.waitpid(self._child.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by the wait this handler interrupted
+                time.sleep(0.1)
+                continue
+            if pid:
+                self._status = os.waitstatus_to_exitcode(status)
+            else:
+                time.sleep(0.2)
+        return self._status
+
+    @staticmethod
+    def _await_requeue(rank: int) -> None:
+        """The state is saved; SLURM (or rank 0's requeue) ends this task. Writing no result keeps submitit
+        waiting for the requeued job. Without SLURM nothing will requeue: fail, naming how to resume."""
+        if submitit.JobEnvironment().cluster != "slurm":
+            raise RuntimeError("stopped by a signal after saving its state; run the same command again to resume")
+        print(f"rank {rank}: state saved; waiting for SLURM to requeue the job", flush=True)
+        time.sleep(900)
+        raise RuntimeError("stopped by a signal after saving its state, but SLURM did not end the job in 15 min")
+
+
+class Launcher:
+    """Submit one job, follow it to the end, and cancel it if the launcher is interrupted."""
+
+    def __init__(self, spec: JobSpec, argv: list[str], folder: Path, poll_s: float = 5.0) -> None:
+        self.spec, self.argv, self.folder, self.poll_s = spec, argv, Path(folder), poll_s
+        self.job: submitit.Job | None = None
+
+    def run(self) -> int:
+        executor = submitit.AutoExecutor(folder=self.folder, cluster=self.spec.executor,
+                                         slurm_max_num_timeout=self.spec.max_requeues)
+        executor.update_parameters(**self.spec.executor_parameters())
+        previous = {s: signal.signal(s, self._cancel) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self.job = executor.submit(StageTask(self.argv))
+            with open(self.folder / "jobs.txt", "a") as f:  # every job of this stage, newest last
+                f.write(f"{self.job.job_id}\t{time.strftime('%Y-%m-%d %H:%M:%S')}\t{' '.join(self.argv[:1])}\n")
+            _say(f"submitted {self.spec.executor} job {self.job.job_id} ({self.spec.nodes} node(s) × "
+                 f"{self.spec.tasks_per_node} task(s)); logs: {self.folder}/{self.job.job_id}_<task>_log.out|err")
+            return self._follow()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _follow(self) -> int:
+        job, relay, state = self.job, Relay(self.job), ""
+        while not job.done():
+            relay.flush()
+            if job.state != state:
+                state = job.state
+                _say(f"job {job.job_id}: {state}")
+            time.sleep(self.poll_s)
+        relay.flush()
+        try:
+            job.results()
+        except (FailedJobError, UncompletedJobError) as e:
+            _say(f"job {job.job_id} failed (state {job.state}): {str(e).strip().splitlines()[-1] if str(e) else e}")
+            for task in range(self.spec.nodes * self.spec.tasks_per_node):
+                _say(f"--- task {task} stderr (last lines of {job.task(task).paths.stderr}):\n" + tail(job.task(task).paths.stderr))
+            return 1
+        _say(f"job {job.job_id}: finished")
+        return 0
+
+    def _cancel(self, signum, frame) -> None:
+        if self.job is not None and not self.job.done():
+            _say(f"{signal.Signals(signum).name}: cancelling job {self.job.job_id}")
+            self.job.cancel(check=False)
+        raise SystemExit(128 + signum)
+
+
+class Relay:
+    """Copies new lines of rank 0's output into the launcher's log, so a person can follow the run there."""
+
+    def __init__(self, job: submitit.Job) -> None:
+        self.path, self.offset = job.task(0).paths.stdout, 0
+
+    def flush(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1
+        if end:
+            sys.stdout.write(data[:end].decode(errors="replace"))
+            sys.stdout.flush()
+            self.offset += end
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _say(message: str) -> None:
+    print(f"[launch] {message}", flush=True)
+
+
+def launch(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ValueError("launch: give the sidcore command to run after `--`")
+    spec = JobSpec(**{f.name: getattr(args, f.name) for f in fields(JobSpec)})
+    Path(args.logdir).mkdir(parents=True, exist_ok=True)
+    return Launcher(spec, command, Path(args.logdir)).run()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("launch", help="run a compute command as a (SLURM or local) submitit job")
+    for f in fields(JobSpec):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("executor", "name"):
+            p.add_argument(flag, required=True, choices=EXECUTORS if f.name == "executor" else None)
+        else:
+            kind = int if f.type in ("int", int) else str
+            p.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default})")
+    p.add_argument("--logdir", required=True, help="folder of the job's ids and per-task logs")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS]: the sidcore command to run")
+    p.set_defaults(func=launch)

@@ -1,0 +1,69 @@
+"""The launcher on this machine (submitit's local executor) and the stop-signal hand-over to commands."""
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidcore import stopping
+from sidcore.launch import JobSpec
+
+BIN = Path(sys.executable).parent
+
+
+def test_job_spec_refuses_what_cannot_run():
+    with pytest.raises(ValueError, match="executor 'pbs'"):
+        JobSpec(executor="pbs", name="x")
+    with pytest.raises(ValueError, match="one node, not 2"):
+        JobSpec(executor="local", name="x", nodes=2)
+    spec = JobSpec(executor="slurm", name="x", nodes=2, gpus_per_node=4, mem_mb=2048, partition="gpu", qos="high")
+    params = spec.executor_parameters()
+    assert params["tasks_per_node"] == 4 and params["mem_gb"] == 2 and params["slurm_partition"] == "gpu"
+    assert params["slurm_qos"] == "high" and "slurm_account" not in params
+    assert JobSpec(executor="local", name="x", gpus_per_node=0).tasks_per_node == 1
+
+
+CHILD = """
+import os, signal, sys, time
+from sidcore import stopping
+os.kill(os.getpid(), signal.SIGUSR2)  # arrives before the command takes the signals over: stays pending
+time.sleep(0.2)
+stopping.watch(resumable=sys.argv[1] == "resumable")
+time.sleep(0.2)
+print(stopping.received())
+"""
+
+
+@pytest.mark.parametrize("kind", ["resumable", "other"])
+def test_a_stop_signal_during_start_up_is_kept_not_fatal(kind):
+    p = subprocess.run([sys.executable, "-c", CHILD, kind], preexec_fn=stopping.block, capture_output=True, text=True,
+                       timeout=60)
+    if kind == "resumable":  # recorded for the distillation loop
+        assert p.returncode == 0 and p.stdout.strip() == str(int(signal.SIGUSR2)), p.stderr
+    else:  # any other command gets the default action back once it starts
+        assert p.returncode == -signal.SIGUSR2
+
+
+def launch(tmp_path, *command):
+    return subprocess.run([str(BIN / "sidcore"), "launch", "--executor", "local", "--name", "t", "--gpus-per-node",
+                           "2", "--logdir", str(tmp_path / "logs"), "--", *command], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_local_job_of_two_processes_all_reduces(tmp_path):
+    r = launch(tmp_path, "ddp-check", "--out", str(tmp_path / "check.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert result["world_size"] == 2 and result["sum"] == 3.0 and result["backend"] == "gloo"
+    assert "2 processes (gloo): all-reduce sum 3" in r.stdout  # rank 0's output, relayed
+    assert len((tmp_path / "logs/jobs.txt").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_local_job_failure_shows_the_commands_error(tmp_path):
+    r = launch(tmp_path, "ddp-check")  # --out missing
+    assert r.returncode == 1
+    assert "failed" in r.stdout and "the following arguments are required: --out" in r.stdout
