@@ -123,7 +123,8 @@ def ddp_check(args: argparse.Namespace) -> int:
         dist.all_reduce(total)
     expected = ctx.world_size * (ctx.world_size + 1) / 2
     ranks = gather(ctx, {"rank": ctx.rank, "host": socket.gethostname(), "device": str(ctx.device),
-                         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+                         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         "threads": torch.get_num_threads(), "mkl_threads": os.environ.get("MKL_NUM_THREADS")})
     backend = dist.get_backend() if dist.is_initialized() else "none"
     shutdown(ctx)
     if ctx.is_main:

@@ -14,6 +14,7 @@ Interrupting the launcher cancels the job.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import subprocess
@@ -29,6 +30,9 @@ from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributed
 from sidcore import REQUEUE_EXIT, stopping
 
 EXECUTORS = ("local", "slurm")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")  # the ones Snakemake sets
+LOCAL_TIME_LIMIT_MIN = 60 * 24 * 365  # a cluster's time limit does not apply to local processes
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class JobSpec:
     def executor_parameters(self) -> dict:
         params = dict(name=self.name, nodes=self.nodes, tasks_per_node=self.tasks_per_node,
                       gpus_per_node=self.gpus_per_node, cpus_per_task=self.cpus_per_task, mem_gb=self.mem_mb / 1024,
-                      timeout_min=self.time_min)
+                      timeout_min=self.time_min if self.executor == "slurm" else LOCAL_TIME_LIMIT_MIN)
         if self.executor == "slurm":
             params.update(slurm_signal_delay_s=self.signal_delay_s)
             params.update({f"slurm_{k}": getattr(self, k) for k in ("partition", "account", "qos")
@@ -74,21 +78,24 @@ class JobSpec:
 class StageTask(Checkpointable):
     """What every task of the job runs: ``sidcore <argv>`` in a child process, with the rank's environment."""
 
-    def __init__(self, argv: list[str]) -> None:
-        self.argv = list(argv)
+    def __init__(self, argv: list[str], threads: int) -> None:
+        self.argv, self.threads = list(argv), threads
         self._child: subprocess.Popen | None = None
         self._status: int | None = None
 
     def __getstate__(self) -> dict:
-        return {"argv": self.argv}
+        return {"argv": self.argv, "threads": self.threads}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["argv"])
+        self.__init__(state["argv"], state["threads"])
 
     def __call__(self) -> int:
-        env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        # the child starts with the stop signals blocked (pending, not lost) until its main() takes them over
-        self._child = subprocess.Popen([sys.executable, "-m", "sidcore.cli", *self.argv], preexec_fn=stopping.block)
+        rank = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True).rank
+        # CPU threads per process: the job's cpus_per_task, whatever the caller's environment says (Snakemake
+        # sets the rule's threads, which count all the job's processes); more would oversubscribe the cores
+        env = {**os.environ, **{var: str(self.threads) for var in THREAD_VARIABLES}}
+        self._child = subprocess.Popen([sys.executable, "-m", "sidcore.cli", *self.argv], env=env,
+                                       preexec_fn=_child_setup)
         for signum in stopping.STOP_SIGNALS:  # pass the signal on, then let submitit's handler act (rank 0 requeues)
             signal.signal(signum, self._forwarder(signal.getsignal(signum)))
         try:
@@ -100,14 +107,14 @@ class StageTask(Checkpointable):
         if status == 0:
             for signum in stopping.STOP_SIGNALS:  # done: a late warning must not kill the exiting task
                 signal.signal(signum, signal.SIG_IGN)
-            return env.rank
+            return rank
         if status == REQUEUE_EXIT:
-            self._await_requeue(env.rank)
-        raise RuntimeError(f"`sidcore {' '.join(self.argv[:1])}` exited with status {status} on rank {env.rank}")
+            self._await_requeue(rank)
+        raise RuntimeError(f"`sidcore {' '.join(self.argv[:1])}` exited with status {status} on rank {rank}")
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission | None:
         """Rank 0 on SIGUSR2: wait until the command has saved its state; requeue if it stopped early."""
-        return DelayedSubmission(StageTask(self.argv)) if self._wait() == REQUEUE_EXIT else None
+        return DelayedSubmission(StageTask(self.argv, self.threads)) if self._wait() == REQUEUE_EXIT else None
 
     def _forwarder(self, previous):
         def forward(signum, frame):
@@ -142,6 +149,16 @@ class StageTask(Checkpointable):
         raise RuntimeError("stopped by a signal after saving its state, but SLURM did not end the job in 15 min")
 
 
+def _child_setup() -> None:
+    """In the command's process before exec: stop signals blocked (pending, not lost) until its main() takes
+    them over; and on Linux a SIGTERM when the task dies, so no orphan keeps running (and it saves its state)."""
+    stopping.block()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass
+
+
 class Launcher:
     """Submit one job, follow it to the end, and cancel it if the launcher is interrupted."""
 
@@ -155,7 +172,7 @@ class Launcher:
         executor.update_parameters(**self.spec.executor_parameters())
         previous = {s: signal.signal(s, self._cancel) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
-            self.job = executor.submit(StageTask(self.argv))
+            self.job = executor.submit(StageTask(self.argv, self.spec.cpus_per_task))
             with open(self.folder / "jobs.txt", "a") as f:  # every job of this stage, newest last
                 f.write(f"{self.job.job_id}\t{time.strftime('%Y-%m-%d %H:%M:%S')}\t{' '.join(self.argv[:1])}\n")
             _say(f"submitted {self.spec.executor} job {self.job.job_id} ({self.spec.nodes} node(s) × "

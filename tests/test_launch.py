@@ -1,5 +1,6 @@
 """The launcher on this machine (submitit's local executor) and the stop-signal hand-over to commands."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,7 +23,9 @@ def test_job_spec_refuses_what_cannot_run():
     params = spec.executor_parameters()
     assert params["tasks_per_node"] == 4 and params["mem_gb"] == 2 and params["slurm_partition"] == "gpu"
     assert params["slurm_qos"] == "high" and "slurm_account" not in params
-    assert JobSpec(executor="local", name="x", gpus_per_node=0).tasks_per_node == 1
+    assert params["timeout_min"] == 60
+    local = JobSpec(executor="local", name="x", gpus_per_node=0, time_min=60)
+    assert local.tasks_per_node == 1 and local.executor_parameters()["timeout_min"] >= 60 * 24 * 365
 
 
 CHILD = """
@@ -47,9 +50,11 @@ def test_a_stop_signal_during_start_up_is_kept_not_fatal(kind):
 
 
 def launch(tmp_path, *command):
+    # as under Snakemake, whose rule threads count every process of the job
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     return subprocess.run([str(BIN / "sidcore"), "launch", "--executor", "local", "--name", "t", "--gpus-per-node",
-                           "2", "--logdir", str(tmp_path / "logs"), "--", *command], capture_output=True, text=True,
-                          timeout=300)
+                           "2", "--cpus-per-task", "1", "--logdir", str(tmp_path / "logs"), "--", *command],
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.slow
@@ -60,6 +65,8 @@ def test_local_job_of_two_processes_all_reduces(tmp_path):
     assert result["world_size"] == 2 and result["sum"] == 3.0 and result["backend"] == "gloo"
     assert "2 processes (gloo): all-reduce sum 3" in r.stdout  # rank 0's output, relayed
     assert len((tmp_path / "logs/jobs.txt").read_text().splitlines()) == 1
+    # one CPU thread per process (cpus_per_task), not the caller's count: 2 × 2 threads would oversubscribe
+    assert [(r["threads"], r["mkl_threads"]) for r in result["ranks"]] == [(1, "1"), (1, "1")]
 
 
 @pytest.mark.slow
