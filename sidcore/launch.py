@@ -162,8 +162,10 @@ def _child_setup() -> None:
 class Launcher:
     """Submit one job, follow it to the end, and cancel it if the launcher is interrupted."""
 
-    def __init__(self, spec: JobSpec, argv: list[str], folder: Path, poll_s: float = 5.0) -> None:
+    def __init__(self, spec: JobSpec, argv: list[str], folder: Path, poll_s: float = 5.0,
+                 lost_after_s: float = 120.0) -> None:
         self.spec, self.argv, self.folder, self.poll_s = spec, argv, Path(folder), poll_s
+        self.lost_after_s = lost_after_s
         self.job: submitit.Job | None = None
 
     def run(self) -> int:
@@ -183,23 +185,36 @@ class Launcher:
                 signal.signal(s, h)
 
     def _follow(self) -> int:
-        job, relay, state = self.job, Relay(self.job), ""
+        job, relay, state, gone_since = self.job, Relay(self.job), "", None
         while not job.done():
             relay.flush()
             if job.state != state:
                 state = job.state
                 _say(f"job {job.job_id}: {state}")
+            if self.spec.executor == "slurm" and not in_queue(job.job_id):
+                # Ended without a result. With accounting, submitit sees that (done() above); without it,
+                # only the queue tells, once the results had time to appear on a shared file system.
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > self.lost_after_s:
+                    return self._failed(f"left the queue {self.lost_after_s:.0f} s ago without a result")
+            else:
+                gone_since = None
             time.sleep(self.poll_s)
         relay.flush()
         try:
             job.results()
         except (FailedJobError, UncompletedJobError) as e:
-            _say(f"job {job.job_id} failed (state {job.state}): {str(e).strip().splitlines()[-1] if str(e) else e}")
-            for task in range(self.spec.nodes * self.spec.tasks_per_node):
-                _say(f"--- task {task} stderr (last lines of {job.task(task).paths.stderr}):\n" + tail(job.task(task).paths.stderr))
-            return 1
+            return self._failed(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
         _say(f"job {job.job_id}: finished")
         return 0
+
+    def _failed(self, reason: str) -> int:
+        job = self.job
+        _say(f"job {job.job_id} failed (state {job.state}): {reason}")
+        for task in range(self.spec.nodes * self.spec.tasks_per_node):
+            stderr = job.task(task).paths.stderr
+            _say(f"--- task {task} stderr (last lines of {stderr}):\n" + tail(stderr))
+        return 1
 
     def _cancel(self, signum, frame) -> None:
         if self.job is not None and not self.job.done():
@@ -228,6 +243,18 @@ class Relay:
             self.offset += end
 
 
+def in_queue(job_id: str) -> bool:
+    """Whether SLURM still lists the job (pending, running, requeued, completing); True if squeue fails."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%i"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    if out.returncode != 0:  # also "Invalid job id" once the controller has forgotten a finished job
+        return "Invalid job id" not in out.stderr
+    return bool(out.stdout.strip())
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
@@ -245,7 +272,7 @@ def launch(args: argparse.Namespace) -> int:
         raise ValueError("launch: give the sidcore command to run after `--`")
     spec = JobSpec(**{f.name: getattr(args, f.name) for f in fields(JobSpec)})
     Path(args.logdir).mkdir(parents=True, exist_ok=True)
-    return Launcher(spec, command, Path(args.logdir)).run()
+    return Launcher(spec, command, Path(args.logdir), lost_after_s=args.lost_after_s).run()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -258,5 +285,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             kind = int if f.type in ("int", int) else str
             p.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default})")
     p.add_argument("--logdir", required=True, help="folder of the job's ids and per-task logs")
+    p.add_argument("--lost-after-s", type=float, default=120.0,
+                   help="report a SLURM job failed once it has left the queue this long without a result "
+                        "(clusters without accounting, where sacct cannot say)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS]: the sidcore command to run")
     p.set_defaults(func=launch)

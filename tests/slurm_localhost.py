@@ -36,10 +36,16 @@ def missing_binaries() -> list[str]:
     return [b for b in needed if shutil.which(b, path=path) is None]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open while they are picked)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _run(*cmd: str, env: dict | None = None, input: str | None = None) -> str:
@@ -67,6 +73,7 @@ class LocalSlurm:
         self.host = socket.gethostname().split(".")[0]
         self.pids: dict[str, int] = {}
         self.linked_default = False
+        self.db_port, self.dbd_port, *_ = self.ports = _free_ports(4)  # MariaDB, slurmdbd, slurmctld, slurmd
 
     @property
     def env(self) -> dict[str, str]:
@@ -113,25 +120,28 @@ class LocalSlurm:
         for d in (db, sock):
             d.mkdir(exist_ok=True)
             shutil.chown(d, "mysql", "mysql")
-        self.db_port, self.db_socket = _free_port(), sock / "mysqld.sock"
+        self.db_socket = sock / "mysqld.sock"
         _run("mariadb-install-db", "--no-defaults", "--user=mysql", f"--datadir={db}", "--skip-test-db")
         pid_file = sock / "mysqld.pid"
         subprocess.Popen(["mariadbd", "--no-defaults", "--user=mysql", f"--datadir={db}", "--bind-address=127.0.0.1",
                           f"--port={self.db_port}", f"--socket={self.db_socket}", f"--pid-file={pid_file}",
                           f"--log-error={self.root / 'log' / 'mariadb.log'}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        _wait("MariaDB", lambda: pid_file.exists() and self.db_socket.exists(), log=self.root / "log" / "mariadb.log")
+        client = ["mariadb", "--no-defaults", f"--socket={self.db_socket}", "-u", "root"]
+        _wait("MariaDB", lambda: pid_file.exists() and subprocess.run([*client, "-e", "SELECT 1"],
+                                                                      capture_output=True).returncode == 0,
+              log=self.root / "log" / "mariadb.log")
         self.pids["mariadbd"] = int(pid_file.read_text())
         grants = "".join(f"CREATE USER 'slurm'@'{h}' IDENTIFIED BY '{DB_PASSWORD}';"
                          f"GRANT ALL ON slurm_acct_db.* TO 'slurm'@'{h}';" for h in ("localhost", "127.0.0.1"))
-        _run("mariadb", "--no-defaults", f"--socket={self.db_socket}", "-u", "root", input=grants)
+        _run(*client, input=grants)
 
     def _write_configs(self) -> None:
         r = self.root
         node = _run("slurmd", "-C").splitlines()[0].split()
         hardware = " ".join(f for f in node if f.split("=")[0] in ("CPUs", "Boards", "SocketsPerBoard",
                                                                      "CoresPerSocket", "ThreadsPerCore", "RealMemory"))
-        self.dbd_port, ctld_port, slurmd_port = _free_port(), _free_port(), _free_port()
+        ctld_port, slurmd_port = self.ports[2:]
         (r / "etc" / "slurm.conf").write_text("\n".join([
             f"ClusterName={CLUSTER}", f"SlurmctldHost={self.host}(127.0.0.1)", f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}", "SlurmUser=root", "AuthType=auth/munge", "CredType=cred/munge",

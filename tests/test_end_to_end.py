@@ -21,6 +21,7 @@ datasets:
     evaluation: {num_images: 256, batch: 256}
     distill: {duration_kimg: 0.768, tick_kimg: 0.192, stage_kimg: [0.192, 0.384], snap_ticks: 2,
               eval_early_ticks: [0], dump_ticks: 2, eval_images: 128}
+    methods: {sid2a: {distill: {duration_kimg: 0.768}}}
 """
 
 

@@ -150,6 +150,36 @@ def test_interrupting_the_launcher_cancels_its_job(slurm, tmp_path):
     wait_for("the cancellation", lambda: slurm.job_state(job) == "CANCELLED", timeout=30)
 
 
+@pytest.mark.slow
+def test_a_job_that_dies_without_a_result_is_reported_without_accounting(slurm, tmp_path):
+    """On a cluster without accounting sacct fails, and submitit never sees a task killed before it wrote its
+    result; the launcher notices the job has left the queue."""
+    shim = tmp_path / "bin" / "sacct"
+    shim.parent.mkdir()
+    shim.write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
+    shim.chmod(0o755)
+    logdir = tmp_path / "logs"
+    env = {**client_env(slurm)}
+    env["PATH"] = f"{shim.parent}{os.pathsep}{env['PATH']}"
+    p = subprocess.Popen([str(BIN / "sidcore"), "launch", "--executor", "slurm", "--name", "lost", "--partition",
+                          PARTITION, "--gpus-per-node", "2", "--time-min", "5", "--mem-mb", "2048", "--lost-after-s", "5",
+                          "--logdir", str(logdir), "--", "ddp-check", "--out", str(tmp_path / "x.json")],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def tasks():
+        out = subprocess.run(["pgrep", "-f", f"submitit.core._submit {logdir}"], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+
+    wait_for("the job's tasks", tasks, timeout=120)
+    for pid in tasks():  # as the OOM killer would: no exception, no result file
+        os.kill(pid, signal.SIGKILL)
+    out, _ = p.communicate(timeout=300)
+    (job,) = job_ids(logdir)
+    assert p.returncode == 1, out
+    assert f"job {job} failed" in out and "left the queue 5 s ago without a result" in out
+    assert not (tmp_path / "x.json").exists()
+
+
 # --- the tiny experiment through `snakemake --profile slurm`, then interrupted runs of its distillation ----
 
 @pytest.fixture(scope="module")
