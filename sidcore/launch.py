@@ -125,16 +125,17 @@ class StageTask(Checkpointable):
         return forward
 
     def _wait(self) -> int:
-        """The child's exit status (reaped here with waitpid, so a signal handler may wait too)."""
+        """The child's exit status. Reaped here with waitpid, with the stop signals held back between the reap
+        and its record, so the signal handler (which may wait too) never finds the child reaped but unrecorded."""
         while self._status is None:
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, stopping.STOP_SIGNALS)
             try:
                 pid, status = os.waitpid(self._child.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped by the wait this handler interrupted
-                time.sleep(0.1)
-                continue
-            if pid:
-                self._status = os.waitstatus_to_exitcode(status)
-            else:
+                if pid:
+                    self._status = os.waitstatus_to_exitcode(status)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            if self._status is None:
                 time.sleep(0.2)
         return self._status
 
