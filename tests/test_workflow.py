@@ -200,6 +200,11 @@ def test_default_profile_runs_gpu_stages_as_local_processes(tmp_path):
     assert r.returncode == 0, out[-3000:]
     assert "Using workflow specific profile profiles/default" in out
     assert "sidcore launch --executor local" in out and "--executor slurm" not in out
+    # Locally a GPU stage takes the cores of all its threads: 2 processes × 1 (distill), 1 process × 2 (evaluate)
+    blocks = out.split("\n\n")
+    for rule in ("distill_sid", "evaluate_teacher"):
+        block = next(b for b in blocks if f"rule {rule}:" in b)
+        assert "threads: 2" in block, block
 
 
 def test_new_alpha_adds_only_its_jobs(workdir):

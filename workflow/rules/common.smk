@@ -109,10 +109,12 @@ LAUNCH = ("sidcore launch {LAUNCH_FLAGS} --name {params.jobname} --nodes {resour
 
 
 def launch_threads(stage):
-    """Cores a GPU stage takes where Snakemake runs: all its processes with the local launcher, else one."""
+    """Cores a GPU stage takes where Snakemake runs: with the local launcher, every thread of every process
+    of its job (processes × cpus_per_task); with SLURM, one (it only waits)."""
     def threads(w):
         job = cluster_job(config, job_dataset(w), stage)
-        return job["nodes"] * job["gpus_per_node"] if config["launcher"] == "local" else 1
+        processes = job["nodes"] * max(job["gpus_per_node"], 1)
+        return processes * job["cpus_per_task"] if config["launcher"] == "local" else 1
 
     return threads
 
