@@ -7,7 +7,7 @@ daemons ``start()`` launched. Needs root and Debian's packages (``.ci/install-sl
 
 Snakemake's slurm-jobstep executor drops SLURM_CONF before its ``srun`` inside a job, which then reads
 ``/etc/slurm/slurm.conf``: where that file does not exist, ``start()`` links it to this cluster's
-configuration for as long as the cluster runs.
+configuration for as long as the cluster runs, replacing a link that an interrupted run left behind.
 
 The fake GPUs are character devices (major 195, like NVIDIA's): with them SLURM binds ``--gpus-per-node``
 requests and sets ``CUDA_VISIBLE_DEVICES``; plain files or a count without ``File=`` do not work.
@@ -34,6 +34,22 @@ def missing_binaries() -> list[str]:
               "slurmd", "sbatch", "squeue", "sacct", "sacctmgr", "scontrol", "sinfo", "scancel", "mknod"]
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
     return [b for b in needed if shutil.which(b, path=path) is None]
+
+
+def _left_over(conf: Path) -> bool:
+    """Whether ``conf`` is a link that an interrupted test run left behind (dangling, or to a test cluster)."""
+    if not conf.is_symlink():
+        return False
+    target = conf.resolve()
+    return not target.exists() or f"ClusterName={CLUSTER}\n" in target.read_text()
+
+
+def conflicting_conf() -> str:
+    """Why the local cluster cannot start beside this host's own SLURM configuration (empty when it can)."""
+    if DEFAULT_CONF.exists() and not _left_over(DEFAULT_CONF):
+        return (f"{DEFAULT_CONF} belongs to a SLURM installation; the test cluster needs that path, because "
+                "Snakemake's slurm-jobstep executor drops SLURM_CONF")
+    return ""
 
 
 def _free_ports(n: int) -> list[int]:
@@ -171,10 +187,13 @@ class LocalSlurm:
         dbd.chmod(0o600)
 
     def _link_default_conf(self) -> None:
-        if not DEFAULT_CONF.exists() and not DEFAULT_CONF.is_symlink():
-            DEFAULT_CONF.parent.mkdir(parents=True, exist_ok=True)
-            DEFAULT_CONF.symlink_to(self._conf)
-            self.linked_default = True
+        if DEFAULT_CONF.exists() and not _left_over(DEFAULT_CONF):
+            return  # a real installation's configuration: conflicting_conf() has reported it
+        if DEFAULT_CONF.is_symlink():
+            DEFAULT_CONF.unlink()  # a link left by an interrupted run, to a cluster that no longer runs
+        DEFAULT_CONF.parent.mkdir(parents=True, exist_ok=True)
+        DEFAULT_CONF.symlink_to(self._conf)
+        self.linked_default = True
 
     def _start_slurmdbd(self) -> None:
         self._start_daemon("slurmdbd", ["slurmdbd"], self.root / "run" / "slurmdbd.pid")

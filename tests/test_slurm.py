@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sidcore import checkpoint
-from slurm_localhost import PARTITION, LocalSlurm, missing_binaries
+from slurm_localhost import PARTITION, LocalSlurm, conflicting_conf, missing_binaries
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -50,7 +50,7 @@ GENERATOR = "results/tiny/sid/alpha1.0/generator.pt"
 def slurm():
     missing = missing_binaries()
     reason = (f"SLURM is not installed here (missing {', '.join(missing)}); run .ci/install-slurm as root" if missing
-              else "starting SLURM's daemons needs root" if os.geteuid() != 0 else "")
+              else "starting SLURM's daemons needs root" if os.geteuid() != 0 else conflicting_conf())
     if reason:
         if os.environ.get("SIDCORE_REQUIRE_SLURM") == "1":
             pytest.fail(reason)
@@ -308,3 +308,17 @@ def test_time_limit_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, 
     (job,) = job_ids(tmp_path / "logs")  # one SLURM job, requeued in place
     assert slurm.job_state(job) == "COMPLETED"
     assert_same_weights(uninterrupted, final_weights(tmp_path / "run"))
+
+
+def test_a_link_left_by_an_interrupted_run_is_recognised_and_a_real_configuration_is_not(tmp_path):
+    from slurm_localhost import CLUSTER, _left_over
+    old = tmp_path / "old" / "slurm.conf"
+    old.parent.mkdir()
+    old.write_text(f"ClusterName={CLUSTER}\nSlurmctldPort=1\n")
+    real = tmp_path / "real.conf"
+    real.write_text("ClusterName=production\n")
+    for name, target, left in (("to-old", old, True), ("dangling", tmp_path / "gone.conf", True),
+                               ("to-real", real, False)):
+        (tmp_path / name).symlink_to(target)
+        assert _left_over(tmp_path / name) is left, name
+    assert not _left_over(real)
