@@ -38,8 +38,15 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the program itself: take over the stop signals the launcher may have blocked
         from sidcore import stopping
-        stopping.watch(resumable=sys.argv[1:2] == ["distill"])
-    argv = sys.argv[1:] if argv is None else argv
+        stopping.watch(resumable=sys.argv[1:2] in (["distill"], ["evaluate"]))
+        try:
+            return _run(sys.argv[1:])
+        finally:  # Python's teardown restores default actions (not SIG_IGN): a late stop signal must not kill the exit
+            stopping.ignore()
+    return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] != "download":
         os.environ.update(OFFLINE_ENV)
     parser = argparse.ArgumentParser(prog="sidcore", description=__doc__.splitlines()[0])

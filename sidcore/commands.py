@@ -74,7 +74,7 @@ def distill(args: argparse.Namespace) -> int:
     from sidcore import REQUEUE_EXIT
     from sidcore.distill import Distiller
     from sidcore.distributed import init_from_env, shutdown
-    from sidcore.evaluate import Evaluator, generator_sampler, run_seed
+    from sidcore.evaluate import TRAINING_METRICS, Evaluator, generator_sampler
     settings = _settings(args)
     Path(args.outdir).mkdir(parents=True, exist_ok=True)
     if (settings["init"] == "teacher") != (args.init is None):
@@ -84,13 +84,14 @@ def distill(args: argparse.Namespace) -> int:
     ctx = init_from_env()
     distiller = Distiller(settings, args.teacher, args.data, args.outdir, init_path=args.init, ctx=ctx,
                           vae_path=args.vae)
+    # In-training evaluation (model selection) as in the official loops: FID, and IS where configured.
     evaluator = Evaluator.from_settings(settings, distiller.dataset, args.refs, args.detector_weights,
-                                        ctx.device, distiller.vae) if ctx.is_main else None
-    seed = run_seed(settings["evaluation"]["seed"], -1)
+                                        ctx.device, distiller.vae, ctx=ctx, log=_log,
+                                        metric_names=[m for m in settings["metrics"] if m in TRAINING_METRICS])
     batch = settings["evaluation"]["batch"]
 
     def evaluate(G_ema):
-        return evaluator(generator_sampler(G_ema, d["init_sigma"]), d["eval_images"], batch, seed)
+        return evaluator(generator_sampler(G_ema, d["init_sigma"]), d["eval_images"], batch, run=-1)
 
     try:
         return 0 if distiller.run(evaluate, log=_log) else REQUEUE_EXIT
@@ -99,13 +100,25 @@ def distill(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from sidcore.evaluate import evaluate_runs
+    from sidcore import REQUEUE_EXIT
+    from sidcore.distributed import init_from_env, shutdown
+    from sidcore.evaluate import Stopped, evaluate_runs
     from sidcore.summary import write_json
     settings = _settings(args)
-    for result in evaluate_runs(settings, args.model, args.kind, args.data, args.refs, args.detector_weights,
-                                settings["evaluation"]["runs"], vae=args.vae):
-        write_json(result, Path(args.outdir) / f"run{result['run']}.json")
-        _log(f"run {result['run']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+    Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    ctx = init_from_env()
+    try:
+        for result in evaluate_runs(settings, args.model, args.kind, args.data, args.refs, args.detector_weights,
+                                    settings["evaluation"]["runs"], args.outdir, vae=args.vae,
+                                    dinov2_weights=args.dinov2_weights, pr_reference=args.pr_reference,
+                                    released=args.released, ctx=ctx, log=_log):
+            write_json(result, Path(args.outdir) / f"run{result['run']}.json")
+            _log(f"run {result['run']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+    except Stopped as e:
+        _log(f"{e}: finished runs are kept; exiting for a requeue")
+        return REQUEUE_EXIT
+    finally:
+        shutdown(ctx)
     return 0
 
 
@@ -164,17 +177,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="JSON written by rank 0: world size, backend, sum, ranks")
     p.set_defaults(func=ddp_check)
 
-    p = add("evaluate", evaluate, "the evaluation runs of a generator or teacher (writes OUTDIR/run{r}.json)")
+    p = add("evaluate", evaluate, "the evaluation runs of a generator or teacher (writes OUTDIR/run{r}.json; "
+                                  "resumes after a requeue)")
     for flag in ("--model", "--data", "--refs", "--detector-weights", "--outdir"):
         p.add_argument(flag, required=True)
     p.add_argument("--kind", choices=("generator", "teacher"), required=True)
+    p.add_argument("--released", metavar="KEY", help="registry key of the released generator evaluated")
+    p.add_argument("--pr-reference", help="reference batch of real images for precision/recall (npz, arr_0)")
+    p.add_argument("--dinov2-weights", help="DINOv2 ViT-L/14 weights for FD_DINOv2")
     add_model_inputs(p)
 
 
 def add_model_inputs(p: argparse.ArgumentParser) -> None:
-    """Inputs of latent-space datasets and of extra metrics, given where configured."""
+    """The input of latent-space datasets, given where configured."""
     p.add_argument("--vae", help="VAE directory (diffusers layout) of a latent-space dataset")
-    p.add_argument("--dinov2-weights", help="DINOv2 ViT-L/14 weights for FD_DINOv2")
 
 
 

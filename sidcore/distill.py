@@ -332,9 +332,8 @@ class Distiller:
         return True
 
     def evaluate(self, evaluate: EvaluateFn) -> dict:
-        """In-training metrics of G_ema (computed on rank 0, shared with every rank), snapshots and grid."""
-        metrics = evaluate(self.G_ema) if self.ctx.is_main else None
-        metrics = broadcast(self.ctx, metrics)
+        """In-training metrics of G_ema (every rank generates, rank 0 computes and shares them), snapshots and grid."""
+        metrics = broadcast(self.ctx, evaluate(self.G_ema))
         fid = metrics["fid"]
         kimg = self.cur_nimg / 1000
         if fid < self.best_fid:

@@ -33,6 +33,11 @@ def _env(*names: str, default: str | None = None) -> str | None:
     return default
 
 
+def single_process() -> Context:
+    """The context of a process that runs alone (on the GPU if there is one)."""
+    return Context(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def init_from_env() -> Context:
     """Join the process group described by the environment (a single process if there is none)."""
     world_size = int(_env("WORLD_SIZE", "SLURM_NTASKS", default="1"))
@@ -78,6 +83,15 @@ def gather(ctx: Context, obj):
         return [obj]
     out = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(ctx: Context, obj):
+    """Every rank's ``obj`` in rank order on rank 0 (through the host: no GPU memory), None elsewhere."""
+    if ctx.world_size == 1:
+        return [obj]
+    out = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0, group=ctx.cpu_group)
     return out
 
 

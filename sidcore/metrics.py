@@ -1,14 +1,16 @@
-"""FID and Inception Score computed the papers' way, on top of torch-fidelity.
+"""FID, Inception Score, FD_DINOv2 and precision/recall computed the papers' way, on top of torch-fidelity.
 
-Features come from a torch-fidelity feature extractor: ``inception-v3-compat`` (the TF Inception
-graph used by EDM/EDM2/SiD, loaded from a local weights file) for the paper datasets, and
-``sidcore-digits`` (a trained digit classifier) for the tiny experiment. FID statistics are float64
-with unbiased covariance, like EDM's reference files; the Fréchet distance is
-``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 sqrt(S_a S_b))``.
+Features come from torch-fidelity feature extractors built from local weights files:
+``inception-2015-12-05`` (NVIDIA's TorchScript Inception-v3, used by SiD's metric code),
+``inception-v3-compat`` (torch-fidelity's port of the same TF graph), ``dinov2-vit-l-14-edm2``
+(DINOv2 ViT-L/14 as in EDM2's FD_DINOv2) and ``sidcore-digits`` (a trained digit classifier for the
+tiny experiment). FID statistics are float64 with unbiased covariance, like EDM's reference files; the
+Fréchet distance is ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 sqrt(S_a S_b))``.
 
 Reference statistics are read from EDM ``.npz`` files (``mu``, ``sigma``) and from EDM2 ``.pkl``
 files (``{'fid': {...}, 'fd_dinov2': {...}}``); the latter are unpickled with a loader that admits
-nothing but numpy arrays and plain containers.
+nothing but numpy arrays and plain containers. The precision/recall reference is OpenAI's image batch
+(``VIRTUAL_imagenet64_labeled.npz``).
 """
 from __future__ import annotations
 
@@ -23,24 +25,30 @@ import torch
 from torch_fidelity import FeatureExtractorBase
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
 from sidcore.atomic import atomic_path
 from sidcore.safe_pickle import RestrictedUnpickler
-import sidcore.detectors.digits  # noqa: F401  (registers the "sidcore-digits" extractor)
+import sidcore.detectors.digits  # noqa: F401  (registers the extractors under their names)
+import sidcore.detectors.dinov2  # noqa: F401
+import sidcore.detectors.nvidia_inception  # noqa: F401
 
 Stats = dict[str, np.ndarray]  # {"mu": [D] float64, "sigma": [D, D] float64}
+PR_BATCH = 10_000  # rows/columns of the pairwise-distance blocks, as in NVIDIA's metric code
 
 
 @dataclass(frozen=True)
 class DetectorSpec:
-    fid_feature: str  # feature whose statistics enter the FID
-    is_feature: str  # logits for the Inception Score
+    fid_feature: str  # feature whose statistics enter the FID (or FD_DINOv2)
+    is_feature: str | None  # logits for the Inception Score; None if the detector has no classifier
     channels: int  # input channels the detector expects; grayscale is repeated when this is 3
 
 
 DETECTORS: dict[str, DetectorSpec] = {
+    "inception-2015-12-05": DetectorSpec(fid_feature="2048", is_feature="logits_unbiased", channels=3),
     "inception-v3-compat": DetectorSpec(fid_feature="2048", is_feature="logits_unbiased", channels=3),
+    "dinov2-vit-l-14-edm2": DetectorSpec(fid_feature="dinov2", is_feature=None, channels=3),
     "sidcore-digits": DetectorSpec(fid_feature="256", is_feature="logits", channels=1),
 }
 
@@ -51,21 +59,80 @@ def detector_spec(name: str) -> DetectorSpec:
     return DETECTORS[name]
 
 
-def create_detector(name: str, weights_path: str | os.PathLike | None, device: torch.device | str) -> FeatureExtractorBase:
+def create_detector(name: str, weights_path: str | os.PathLike | None,
+                    device: torch.device | str) -> FeatureExtractorBase:
     """Build the named torch-fidelity extractor from a local weights file, requesting its FID and IS features."""
     spec = detector_spec(name)
     if weights_path is None:
         raise ValueError(f"detector {name!r} needs a local weights file (nothing is downloaded at run time)")
     if not Path(weights_path).is_file():
         raise FileNotFoundError(f"detector weights not found: {weights_path}")
-    detector = create_feature_extractor(name, [spec.fid_feature, spec.is_feature], cuda=False, verbose=False,
+    features = [spec.fid_feature] + ([spec.is_feature] if spec.is_feature is not None else [])
+    detector = create_feature_extractor(name, features, cuda=False, verbose=False,
                                         feature_extractor_weights_path=str(weights_path))
     return detector.to(device)
 
 
+@torch.no_grad()
+def extract(detector: FeatureExtractorBase, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Features of uint8 images [B, C, H, W] from a detector made by :func:`create_detector`.
+
+    Returns {"fid": float64 [B, D]} and, when the detector has a classifier, {"is": logits [B, K]}, on
+    the CPU. Grayscale images are repeated to three channels for RGB detectors.
+    """
+    spec = detector_spec(detector.get_name())
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"expected uint8 [B, C, H, W] images, got {images.dtype} {tuple(images.shape)}")
+    param = next(detector.parameters(), None)
+    x = images.to(param.device if param is not None else "cpu")
+    if x.shape[1] == 1 and spec.channels == 3:
+        x = x.repeat(1, 3, 1, 1)
+    out = detector.convert_features_tuple_to_dict(detector(x))
+    result = {"fid": out[spec.fid_feature].to("cpu", torch.float64)}
+    if spec.is_feature is not None:
+        result["is"] = out[spec.is_feature].cpu()
+    return result
+
+
+def fid_statistics(features: torch.Tensor) -> Stats:
+    """Mean and unbiased covariance (float64) of features [N, D], N ≥ 2."""
+    if features.dim() != 2 or len(features) < 2:
+        raise ValueError(f"expected features [N >= 2, D], got {tuple(features.shape)}")
+    stats = fid_features_to_statistics(features.detach().cpu().double())
+    return {"mu": stats["mu"], "sigma": stats["sigma"]}
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> float:
+    """Mean over ``splits`` consecutive splits (arrival order, as SiD) of exp(E KL(p(y|x) || p(y))),
+    with p(y|x) = softmax(logits)."""
+    if logits.dim() != 2 or len(logits) < splits:
+        raise ValueError(f"expected logits [N >= {splits}, K], got {tuple(logits.shape)}")
+    return float(isc_features_to_metric(logits.detach().cpu(), splits=splits, shuffle=False)[KEY_METRIC_ISC_MEAN])
+
+
+def precision_recall(gen_features: torch.Tensor, real_features: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) with neighbourhood size ``k``.
+
+    A sample's k-NN radius is the distance to its (k+1)-th nearest neighbour counting itself. Precision
+    is the fraction of generated samples inside some real sample's ball, recall the fraction of real
+    samples inside some generated sample's ball. As in NVIDIA's metric code the features are first
+    rounded to float16; the distances are then computed in float32 (NVIDIA's GPU code keeps them in
+    float16), in blocks of 10,000, on the device of ``gen_features``.
+    """
+    if gen_features.dim() != 2 or real_features.dim() != 2 or gen_features.shape[1] != real_features.shape[1]:
+        raise ValueError(f"expected features [N, D] of equal D, got {tuple(gen_features.shape)} "
+                         f"and {tuple(real_features.shape)}")
+    if min(len(gen_features), len(real_features)) <= k:
+        raise ValueError(f"need more than k={k} samples in each set")
+    gen = gen_features.detach().to(torch.float16).float()
+    real = real_features.detach().to(gen.device, torch.float16).float()
+    out = prc_features_to_metric(gen, real, prc_neighborhood=k, prc_batch_size=PR_BATCH, save_cpu_ram=True,
+                                 verbose=False)
+    return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
+
+
 class FeatureAccumulator:
-    """Feeds uint8 image batches through a detector made by :func:`create_detector` and keeps, on the CPU,
-    the FID features (float64) and the IS logits."""
+    """Collects, batch by batch, the :func:`extract` output of a detector made by :func:`create_detector`."""
 
     def __init__(self, detector: FeatureExtractorBase) -> None:
         self.detector = detector
@@ -76,31 +143,30 @@ class FeatureAccumulator:
     def __len__(self) -> int:
         return sum(len(f) for f in self._features)
 
-    @torch.no_grad()
     def add(self, images: torch.Tensor) -> None:
         """Add a batch of uint8 images [B, C, H, W]."""
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"expected uint8 [B, C, H, W] images, got {images.dtype} {tuple(images.shape)}")
-        x = images.to(next(self.detector.parameters()).device)
-        if x.shape[1] == 1 and self.spec.channels == 3:
-            x = x.repeat(1, 3, 1, 1)
-        out = self.detector.convert_features_tuple_to_dict(self.detector(x))
-        self._features.append(out[self.spec.fid_feature].double().cpu())
-        self._logits.append(out[self.spec.is_feature].cpu())
+        out = extract(self.detector, images)
+        self._features.append(out["fid"])
+        if "is" in out:
+            self._logits.append(out["is"])
 
-    def _stacked(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        if not parts:
+    def features(self) -> torch.Tensor:
+        """All FID features so far, float64 [N, D] (e.g. for :func:`precision_recall`)."""
+        if not self._features:
             raise ValueError("no images were added")
-        return torch.cat(parts)
+        return torch.cat(self._features)
 
     def fid_statistics(self) -> Stats:
         """Mean and unbiased covariance of the FID features, float64."""
-        stats = fid_features_to_statistics(self._stacked(self._features))
-        return {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
+        return fid_statistics(self.features())
 
     def inception_score(self, splits: int = 10) -> float:
-        """Mean over ``splits`` consecutive splits (arrival order, as SiD) of exp(E KL(p(y|x) || p(y)))."""
-        return float(isc_features_to_metric(self._stacked(self._logits), splits=splits, shuffle=False)[KEY_METRIC_ISC_MEAN])
+        """Inception Score of the images added so far (see :func:`inception_score`)."""
+        if self.spec.is_feature is None:
+            raise ValueError(f"detector {self.detector.get_name()!r} has no classifier for the Inception Score")
+        if not self._logits:
+            raise ValueError("no images were added")
+        return inception_score(torch.cat(self._logits), splits=splits)
 
 
 def _as_stats(stats: dict, where: str) -> Stats:
@@ -161,6 +227,29 @@ def save_reference(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -
     stats = _as_stats({"mu": mu, "sigma": sigma}, str(path))
     with atomic_path(path) as tmp:
         np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"])
+
+
+def load_pr_reference(path: str | os.PathLike) -> torch.Tensor:
+    """Images of OpenAI's reference batch (``VIRTUAL_imagenet64_labeled.npz``) as uint8 [N, 3, H, W].
+
+    The archive holds ``arr_0``, uint8 [N, H, W, 3] (NHWC), and optionally ``arr_1`` (labels, unused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"precision/recall reference not found: {path}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not an npz archive ({err})") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: expected an npz archive with 'arr_0', found a single array")
+    with archive:
+        if "arr_0" not in archive.files:
+            raise ValueError(f"{path}: no 'arr_0' image array (arrays: {', '.join(archive.files) or 'none'})")
+        images = archive["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: 'arr_0' must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
 # ------------------------------------------------------------------------------------------------

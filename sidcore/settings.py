@@ -20,6 +20,7 @@ def resolve(config: dict, dataset: str, method: str | None = None, alpha: float 
     entry = copy.deepcopy(config["datasets"][dataset])
     methods = entry.pop("methods")
     entry.pop("cluster", None)  # where jobs run is no setting of theirs (see cluster_job)
+    entry.pop("released", None)  # read by the workflow only (which files a job gets)
     out = {"dataset": dataset, **entry}
     out["evaluation"] = {**config["evaluation"], **entry.get("evaluation", {})}
     if method is not None:
@@ -42,7 +43,11 @@ STAGE_KEYS = {
     "train_teacher": ("dataset", "resolution", "channels", "label_dim", "network", "teacher"),
     "evaluate_teacher": ("dataset", "size", "resolution", "channels", "label_dim", "network", "latent", "detector",
                          "metrics", "evaluation", "teacher_eval"),
+    "evaluate_released": ("dataset", "size", "resolution", "channels", "label_dim", "network", "latent", "detector",
+                          "metrics", "evaluation", "method", "alpha"),
 }
+# Distillation settings a stage reads besides its STAGE_KEYS.
+STAGE_DISTILL_KEYS = {"evaluate_released": ("init_sigma",)}
 
 
 def batch_arithmetic(batch: int, batch_gpu: int, world_size: int) -> tuple[int, int]:
@@ -73,7 +78,10 @@ def cluster_job(config: dict, dataset: str, stage: str) -> dict:
 
 def for_stage(settings: dict, stage: str) -> dict:
     """The part of ``settings`` a job of ``stage`` reads (see ``STAGE_KEYS``)."""
-    return {k: settings[k] for k in STAGE_KEYS[stage] if k in settings}
+    out = {k: settings[k] for k in STAGE_KEYS[stage] if k in settings}
+    if stage in STAGE_DISTILL_KEYS:
+        out["distill"] = {k: settings["distill"][k] for k in STAGE_DISTILL_KEYS[stage]}
+    return out
 
 
 def dumps(settings: dict) -> str:

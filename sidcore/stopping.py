@@ -26,6 +26,12 @@ def watch(resumable: bool) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def ignore() -> None:
+    """Once the command has returned: its exit status already answers any stop signal that comes later."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def received() -> int | None:
     """The first stop signal ``watch`` recorded, if any."""
     return _received[0] if _received else None

@@ -17,21 +17,27 @@ def summarize(runs: list[dict], table: str, ddof: int) -> dict:
         raise ValueError("no evaluation runs to summarise")
     first = runs[0]
     for r in runs[1:]:
-        for key in ("dataset", "method", "alpha", "model_sha256", "num_images"):
-            if r[key] != first[key]:
-                raise ValueError(f"evaluation runs disagree on {key}: {first[key]!r} vs {r[key]!r}")
-    seeds = [r["seed"] for r in runs]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"evaluation runs share seeds: {seeds}")
+        for key in ("dataset", "method", "alpha", "source", "model_sha256", "refs_sha256", "num_images", "detector"):
+            if r.get(key) != first.get(key):
+                raise ValueError(f"evaluation runs disagree on {key}: {first.get(key)!r} vs {r.get(key)!r}")
+    seen: dict[int, int] = {}
+    for r in runs:
+        for seed in r["seeds"]:
+            if seed in seen:
+                raise ValueError(f"evaluation runs {seen[seed]} and {r['run']} share seed {seed}")
+            seen[seed] = r["run"]
     metrics = {}
     for name in first["metrics"]:
         values = np.array([r["metrics"][name] for r in runs], dtype=np.float64)
         std = float(values.std(ddof=ddof)) if len(values) > ddof else float("nan")
         metrics[name] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
     return {"dataset": first["dataset"], "table": table, "size": first.get("size"), "method": first["method"],
-            "alpha": first["alpha"], "nfe": first["nfe"], "kimg": first["kimg"], "runs": len(runs),
-            "num_images": first["num_images"], "detector": first["detector"], "std_ddof": ddof, "seeds": seeds,
-            "metrics": metrics}
+            "alpha": first["alpha"], "source": first.get("source", "ours"), "released_key": first.get("released_key"),
+            "nfe": first["nfe"], "kimg": first["kimg"], "runs": len(runs), "num_images": first["num_images"],
+            "detector": first["detector"], "detectors": first.get("detectors", {}), "std_ddof": ddof,
+            "std": f"{'sample' if ddof == 1 else 'population'} standard deviation (ddof {ddof}) over the runs",
+            "seed_base": first.get("seed_base"), "model_sha256": first["model_sha256"],
+            "refs_sha256": first["refs_sha256"], "metrics": metrics}
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> None:

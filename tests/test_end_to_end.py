@@ -48,10 +48,12 @@ def test_tiny_experiment_end_to_end(tmp_path):
     for ext in ("png", "pdf"):
         assert (tmp_path / f"results/plots/tiny.{ext}").stat().st_size > 1000
 
-    seeds = []
+    seeds = {}
     for run_json in sorted((tmp_path / "results/tiny").glob("*/*/eval/run*.json")):
-        seeds.append(json.loads(run_json.read_text())["seed"])
-    assert len(seeds) == 5 * 3 and len(set(seeds)) == 3  # runs differ; every model sees the same 3 seeds
+        seeds.setdefault(run_json.name, set()).add(tuple(json.loads(run_json.read_text())["seeds"]))
+    assert sorted(seeds) == ["run0.json", "run1.json", "run2.json"]
+    assert all(len(s) == 1 for s in seeds.values())  # every model sees the same images in run r
+    assert len(set().union(*seeds.values())) == 3  # and the runs differ
 
     log = [json.loads(x) for x in (tmp_path / "results/tiny/sida/alpha1.0/log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log][0] == 1 and log[-1]["stage"] == 3 and "fid" in log[-1]

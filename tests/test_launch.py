@@ -49,6 +49,22 @@ def test_a_stop_signal_during_start_up_is_kept_not_fatal(kind):
         assert p.returncode == -signal.SIGUSR2
 
 
+EXITING = """
+import os, signal, sys
+from sidcore import cli
+sys.argv = ["sidcore", "ddp-check", "--out", sys.argv[1]]
+status = cli.main()
+os.kill(os.getpid(), signal.SIGTERM)  # SLURM's requeue, forwarded while the command exits
+sys.exit(status)
+"""
+
+
+def test_a_stop_signal_after_the_command_returned_leaves_its_exit_status(tmp_path):
+    p = subprocess.run([sys.executable, "-c", EXITING, str(tmp_path / "x.json")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 def launch(tmp_path, *command):
     # as under Snakemake, whose rule threads count every process of the job
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}

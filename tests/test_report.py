@@ -26,18 +26,23 @@ def run_cli(*argv: str) -> int:
 
 def write_summary(directory: Path, table: str, method: str, alpha: float | None, *,
                   fid: tuple[float, float], nfe: int = 1, kimg: float | None = 512.0,
-                  size: str | None = None, **metrics: tuple[float, float]) -> Path:
+                  size: str | None = None, source: str = "ours", std_ddof: int = 1,
+                  **metrics: tuple[float, float]) -> Path:
     summary = {"dataset": table, "table": table, "method": method, "alpha": alpha, "nfe": nfe,
                "kimg": kimg, "runs": 10, "num_images": 5000, "detector": "sidcore-digits",
-               "std_ddof": 1,
+               "std_ddof": std_ddof, "source": source,
                "metrics": {name: {"mean": mean, "std": std, "values": [mean] * 10}
                            for name, (mean, std) in {"fid": fid, **metrics}.items()}}
     if size is not None:
         summary["size"] = size
-    name = "_".join(str(part) for part in (table, method, alpha, size) if part is not None)
+    name = "_".join(str(part) for part in (table, method, alpha, size, source) if part is not None)
     path = directory / f"{name}.json"
     path.write_text(json.dumps(summary))
     return path
+
+
+def read_summary(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def paper_row_count(table: str) -> int:
@@ -71,25 +76,53 @@ def test_tiny_table_lists_teacher_first_with_formatted_values(tmp_path: Path) ->
 
 
 def test_cifar10_uncond_table_has_every_paper_row_and_our_delta(tmp_path: Path) -> None:
-    path = write_summary(tmp_path, "cifar10-uncond", "sid", 1.2, fid=(1.950, 0.020),
-                         kimg=204800.0, **{"is": (9.95, 0.04)})
+    paths = [write_summary(tmp_path, "cifar10-uncond", "sid", 1.2, fid=(1.950, 0.020),
+                           kimg=204800.0, **{"is": (9.95, 0.04)}),
+             write_summary(tmp_path, "cifar10-uncond", "sid", 1.2, fid=(1.930, 0.010), kimg=None,
+                           source="released"),
+             write_summary(tmp_path, "cifar10-uncond", "sid", 1.5, fid=(2.5, 0.03))]
     out = tmp_path / "cifar10-uncond.csv"
-    run_cli("tabulate", "--table", "cifar10-uncond", "--summaries", str(path), "--out", str(out))
+    run_cli("tabulate", "--table", "cifar10-uncond", "--summaries", *map(str, paths), "--out", str(out))
     table = pd.read_csv(out, dtype=str, keep_default_na=False)
     expected_paper_rows = paper_row_count("cifar10-uncond")
     assert expected_paper_rows == 22
-    assert len(table) == expected_paper_rows + 1
-    assert list(table["status"][:expected_paper_rows]) == ["paper only"] * expected_paper_rows
-    ours = table.iloc[-1]
-    assert ours["status"] == "ours + paper"
+    # Our α = 1.2 run is the paper's row; the released generator and the new α add a row each.
+    assert len(table) == expected_paper_rows + 2
+    paper_rows = table[table["status"].isin(["paper only", "ours + paper"])]
+    assert len(paper_rows) == expected_paper_rows
+    assert list(table["status"]).count("ours + paper") == 1
+    merged = table.index[table["status"] == "ours + paper"][0]
+    ours, released, new = table.iloc[merged], table.iloc[merged + 1], table.iloc[-1]
+    assert (ours["model"], ours["family"], ours["method"], ours["alpha"]) == ("SiD, α = 1.2", "One step", "sid", "1.2")
     assert ours["FID (ours)"] == "1.950 ± 0.020"
     assert ours["FID (paper)"] == "1.923 ± 0.017"
     assert ours["ΔFID"] == "+0.027"
-    assert ours["IS (paper)"] == "9.980 ± 0.042"
-    assert ours["images seen (Mimg)"] == "204.8"
+    assert ours["IS (paper)"] == "9.980 ± 0.042" and ours["ΔIS"] == "-0.030"
+    assert ours["images seen (Mimg)"] == "204.8" and ours["paper source"] == "SiDA paper Table 1"
+    assert (released["model"], released["status"]) == ("SiD, α = 1.2 (released)", "released")
+    assert (released["FID (paper)"], released["ΔFID"]) == ("1.923 ± 0.017", "+0.007")
+    assert released["IS (ours)"] == released["ΔIS"] == "" and released["IS (paper)"] == "9.980 ± 0.042"
+    assert (new["model"], new["family"], new["status"]) == ("SiD, α = 1.5", "One step", "ours")
+    assert new["FID (paper)"] == new["ΔFID"] == new["paper source"] == ""
+    teacher = table.iloc[0]
+    assert (teacher["model"], teacher["status"], teacher["FID (paper)"]) == (
+        "VP-EDM (Karras et al., 2022)", "paper only", "1.97")
     markdown = out.with_suffix(".md").read_text()
-    assert "| model | method | alpha | NFE |" in markdown
+    assert markdown.startswith("# CIFAR-10 32×32, unconditional (cifar10-uncond)\n")
+    assert "| model | family | method | alpha | NFE |" in markdown
     assert "FID (paper)" in markdown and "ΔFID" in markdown
+    assert ("Ours: mean ± sample standard deviation (ddof = 1) over 10 runs of 5,000 images each, "
+            "detector sidcore-digits.") in markdown
+    assert "Δ = ours − paper" in markdown and "*released*:" in markdown
+
+
+def test_markdown_states_each_std_convention(tmp_path: Path) -> None:
+    summaries = [read_summary(write_summary(tmp_path, "tiny", "sid", 1.0, fid=(1.4, 0.1), std_ddof=0)),
+                 read_summary(write_summary(tmp_path, "tiny", "sida", 1.0, fid=(1.3, 0.1)))]
+    markdown = tabulate.to_markdown(tabulate.tabulate("tiny", summaries), "tiny", summaries)
+    assert "Ours (SiD, α = 1.0): mean ± population standard deviation (ddof = 0) over 10 runs" in markdown
+    assert "Ours (SiDA, α = 1.0): mean ± sample standard deviation (ddof = 1) over 10 runs" in markdown
+    assert "Paper:" not in markdown  # no paper rows in the tiny table
 
 
 def test_tabulate_accepts_no_summaries(tmp_path: Path) -> None:
@@ -97,35 +130,51 @@ def test_tabulate_accepts_no_summaries(tmp_path: Path) -> None:
     run_cli("tabulate", "--table", "ffhq64", "--summaries", "--out", str(out))
     table = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert len(table) == paper_row_count("ffhq64")
+    assert set(table["status"]) == {"paper only"}
     assert "1.040 ± 0.011" in set(table["FID (paper)"])
+    assert "Ours" not in out.with_suffix(".md").read_text()
 
 
 def test_imagenet64_table_has_precision_and_recall(tmp_path: Path) -> None:
     summaries = [
-        json.loads(write_summary(tmp_path, "imagenet64", "sid2a", 1.2, fid=(1.12, 0.02),
-                                 precision=(0.7512, 0.004), recall=(0.6234, 0.003)).read_text()),
-        json.loads(write_summary(tmp_path, "imagenet64", "teacher", None, fid=(2.60, 0.03),
-                                 nfe=79, kimg=None).read_text()),
+        read_summary(write_summary(tmp_path, "imagenet64", "sid2a", 1.2, fid=(1.12, 0.02),
+                                   precision=(0.7512, 0.004), recall=(0.6234, 0.003))),
+        read_summary(write_summary(tmp_path, "imagenet64", "teacher", None, fid=(2.60, 0.03),
+                                   nfe=79, kimg=None)),
     ]
     table = tabulate.tabulate("imagenet64", summaries)
+    assert len(table) == paper_row_count("imagenet64")
     for column in ("Precision (ours)", "Precision (paper)", "Recall (ours)", "Recall (paper)"):
         assert column in table.columns
-    teacher, ours = table.iloc[-2], table.iloc[-1]
+    merged = table[table["status"] == "ours + paper"]
+    teacher, ours = merged.iloc[0], merged.iloc[1]
     assert ours["Precision (ours)"] == "0.75 ± 0.00"
-    assert ours["Recall (paper)"] == "0.62"
+    assert ours["Recall (paper)"] == "0.62" and ours["ΔRecall"] == "+0.00"
     assert ours["ΔFID"] == "+0.010"
     # Two teacher rows in the paper; the NFE picks the 79-step one.
-    assert teacher["FID (paper)"] == "2.640" and teacher["status"] == "ours + paper"
+    assert (teacher["NFE"], teacher["FID (paper)"], teacher["FID (ours)"]) == ("79", "2.64", "2.600 ± 0.030")
+    assert table[table["NFE"] == "511"].iloc[0]["status"] == "paper only"
+
+
+def test_teacher_at_another_nfe_is_not_the_papers_row(tmp_path: Path) -> None:
+    summary = read_summary(write_summary(tmp_path, "ffhq64", "teacher", None, fid=(2.5, 0.02), nfe=35))
+    table = tabulate.tabulate("ffhq64", [summary])
+    assert len(table) == paper_row_count("ffhq64") + 1
+    assert table.iloc[0]["status"] == "paper only"  # the paper's 79-NFE teacher
+    assert (table.iloc[-1]["model"], table.iloc[-1]["status"], table.iloc[-1]["FID (paper)"]) == (
+        "Teacher", "ours", "")
 
 
 def test_edm2_rows_match_by_size_and_feed_the_fd_dinov2_table(tmp_path: Path) -> None:
-    summaries = [json.loads(write_summary(tmp_path, "edm2", "sida", 1.0, fid=(1.80, 0.02),
-                                          size="s", fd_dinov2=(70.0, 0.4)).read_text())]
+    summaries = [read_summary(write_summary(tmp_path, "edm2", "sida", 1.0, fid=(1.80, 0.02),
+                                            size="s", fd_dinov2=(70.0, 0.4)))]
     fid_table = tabulate.tabulate("edm2", summaries)
-    ours = fid_table.iloc[-1]
+    assert len(fid_table) == paper_row_count("edm2")
+    ours = fid_table[fid_table["status"] == "ours + paper"].iloc[0]
     assert (ours["size"], ours["CFG"], ours["FID (paper)"]) == ("s", "N", "1.756 ± 0.023")
-    dino = tabulate.tabulate("edm2_fd_dinov2", summaries).iloc[-1]
-    assert dino["FD_DINOv2 (paper)"] == "68.760 ± 0.450"
+    dino_table = tabulate.tabulate("edm2_fd_dinov2", summaries)
+    dino = dino_table[dino_table["status"] == "ours + paper"].iloc[0]
+    assert (dino["size"], dino["FD_DINOv2 (paper)"]) == ("s", "68.76 ± 0.45")
     assert dino["ΔFD_DINOv2"] == "+1.240"
 
 
@@ -135,6 +184,12 @@ def test_summary_for_another_table_is_rejected_by_name(tmp_path: Path) -> None:
         run_cli("tabulate", "--table", "cifar10-uncond", "--summaries", str(path),
                 "--out", str(tmp_path / "t.csv"))
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_summary_of_unknown_source_is_rejected(tmp_path: Path) -> None:
+    path = write_summary(tmp_path, "tiny", "sid", 1.0, fid=(1.7, 0.01), source="theirs")
+    with pytest.raises(ValueError, match="unknown source 'theirs'"):
+        tabulate.load_summaries([path], "tiny")
 
 
 def write_log(path: Path, fids: dict[float, float | None]) -> Path:
@@ -150,21 +205,46 @@ def test_plot_writes_png_and_pdf(tmp_path: Path) -> None:
     sida = write_log(tmp_path / "sida.jsonl", {10.0: 20.0, 40.0: 5.0, 80.0: 2.5})
     teacher = write_summary(tmp_path, "tiny", "teacher", None, fid=(3.0, 0.1), nfe=35, kimg=None)
     out = tmp_path / "plots" / "tiny.png"
-    assert run_cli("plot", "--log", f"SiD α=1.2={sid}", "--log", f"SiDA α=1.0={sida}",
-                   "--teacher-summary", str(teacher), "--paper-fid", "SiD α=1.2 (paper)=1.923",
-                   "--title", "tiny", "--out", str(out)) == 0
+    assert run_cli("plot", "--run", "sid", "1.2", str(sid), "--run", "sida", "1.0", str(sida),
+                   "--teacher-summary", str(teacher), "--table", "tiny", "--title", "tiny",
+                   "--out", str(out)) == 0
     assert out.read_bytes().startswith(b"\x89PNG")
     assert out.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
-    assert plot.split_pair("SiD α=1.2=a/b.jsonl") == ("SiD α=1.2", "a/b.jsonl")
 
 
-def test_plot_rejects_log_without_fid(tmp_path: Path) -> None:
+def legend(fig) -> list[str]:
+    return [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+
+
+def test_plot_draws_the_papers_lines_of_its_table_and_size(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "sid2a.jsonl", {10.0: 20.0, 40.0: 5.0})
+    labels = legend(plot.figure([("sid2a", 1.0, log)], None, "edm2", "xs", "edm2-xs"))
+    assert labels == ["SiD²A, α = 1.0", "Teacher, 63 NFE (paper): 3.53", "SiD, α = 1.0 (paper): 3.353",
+                      "SiDA, α = 1.0 (paper): 2.228", "SiD²A, α = 1.0 (paper): 2.156"]
+    fig = plot.figure([("sid2a", 1.0, log)], None, "edm2", "xs", "edm2-xs")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    curve, final = lines["SiD²A, α = 1.0"], lines["SiD²A, α = 1.0 (paper): 2.156"]
+    assert curve.get_color() == final.get_color() and final.get_linestyle() == ":"
+    assert list(final.get_ydata()) == [2.156, 2.156]
+    # Both of the paper's ImageNet teachers; our own teacher replaces them.
+    assert [label for label in legend(plot.figure([("sid", 1.2, log)], None, "imagenet64", "", ""))
+            if label.startswith("Teacher")] == ["Teacher, 511 NFE (paper): 1.36", "Teacher, 79 NFE (paper): 2.64"]
+    teacher = write_summary(tmp_path, "imagenet64", "teacher", None, fid=(2.5, 0.1), nfe=79, kimg=None)
+    assert [label for label in legend(plot.figure([("sid", 1.2, log)], teacher, "imagenet64", "", ""))
+            if label.startswith("Teacher")] == ["Teacher, 79 NFE (ours): 2.500"]
+
+
+def test_plot_rejects_log_without_fid_and_bad_runs(tmp_path: Path) -> None:
     good = write_log(tmp_path / "good.jsonl", {10.0: 5.0})
     bad = write_log(tmp_path / "bad.jsonl", {10.0: None, 20.0: None})
     with pytest.raises(ValueError, match=re.escape(str(bad))):
-        run_cli("plot", "--log", f"a={good}", "--log", f"b={bad}",
-                "--out", str(tmp_path / "p.png"))
+        run_cli("plot", "--run", "sid", "1.0", str(good), "--run", "sida", "1.0", str(bad),
+                "--table", "tiny", "--out", str(tmp_path / "p.png"))
     assert not (tmp_path / "p.png").exists()
+    with pytest.raises(ValueError, match="method must be one of"):
+        plot.parse_run("teacher", "1.0", str(good))
+    with pytest.raises(ValueError, match="α is not a number"):
+        plot.parse_run("sid", "one", str(good))
 
 
 def test_paper_csv_values_are_numeric_and_keys_unique() -> None:

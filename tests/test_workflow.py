@@ -49,7 +49,11 @@ def overlay(workdir: Path, text: str) -> str:
     ("launcher: pbs", "launcher"),
     ("cluster: {jobs: {distill: {gpus_per_node: 0}}}", "gpus_per_node"),
     ("datasets: {tiny: {cluster: {jobs: {distill: {gpus_per_node: 3}}}}}", "cluster.jobs.distill"),
-    ("datasets: {tiny: {cluster: {jobs: {evaluate: {gpus_per_node: 2}}}}}", "cluster.jobs.evaluate"),
+    ("datasets: {tiny: {cluster: {jobs: {encode: {gpus_per_node: 2}}}}}", "cluster.jobs.encode"),
+    ("datasets: {tiny: {metrics: [fid, precision]}}", "tiny.pr_reference"),
+    ("datasets: {tiny: {methods: {sid2a: {alphas: [1.0], init: released}}}}", "tiny.released.sid"),
+    ("datasets: {tiny: {released: {sid: {'1.0': sid/no-such-generator}}}}", "sid/no-such-generator"),
+    ("evaluation: {released: maybe}", "released"),
     ("datasets: {tiny: {distill: {batch: -64}}}", "batch"),
     ("datasets: {tiny: {bogus_key: 1}}", "bogus_key"),
     ("evaluation: {runs: 0}", "runs"),
@@ -131,7 +135,7 @@ def test_edm2_prefetch_jobs_run_on_the_login_node(workdir):
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     teachers = {cfg["datasets"][f"edm2-{s}"]["teacher"]["artifact"] for s in ("xs", "s", "m", "l", "xl", "xxl")}
     assert downloads == teachers | {
-        "refs/img512", "detector/pt_inception-2015-12-05", cfg["evaluation"]["fd_dinov2_detector"],
+        "refs/img512", cfg["datasets"]["edm2-xs"]["detector"]["artifact"], cfg["evaluation"]["fd_dinov2_detector"],
         "vae/sd-vae-ft-mse/config.json", "vae/sd-vae-ft-mse/diffusion_pytorch_model.safetensors"}
     assert job_counts(r.stdout + r.stderr)["download"] == len(downloads)
     local = subprocess.run([sys.executable, "-c", LOCAL_RULES], cwd=workdir, capture_output=True, text=True,
@@ -140,7 +144,7 @@ def test_edm2_prefetch_jobs_run_on_the_login_node(workdir):
     local_rules = set(local.stdout.split())
     # Local: downloads, and the GPU stages, which only wait for the job `sidcore launch` submits.
     assert {"download", "distill_sid", "distill_sida", "distill_sid2a", "evaluate_generator", "evaluate_teacher",
-            "encode_latents"} <= local_rules
+            "evaluate_released", "encode_latents"} <= local_rules
     assert not local_rules & {"prepare_data", "convert_teacher", "convert_generator"}  # CPU jobs, sent to SLURM
 
 
@@ -241,3 +245,34 @@ def test_new_alpha_adds_only_its_jobs(workdir):
     assert set(counts) == {"distill_sid", "distill_sida", "distill_sid2a", "evaluate_generator", "summarize",
                            "tabulate"}, counts
     assert counts["evaluate_generator"] == counts["distill_sid"] + counts["distill_sida"] + counts["distill_sid2a"]
+
+
+def test_the_released_switch_adds_exactly_the_released_generators_evaluations(workdir):
+    """evaluation.released: true adds, per released generator, its download, conversion, evaluation, summary."""
+    def dry_run(*args: str) -> Counter:
+        r = subprocess.run([*SNAKEMAKE, "-n", "results/tables/cifar10-uncond.csv", *args], cwd=workdir,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return job_counts(r.stdout + r.stderr)
+
+    off = dry_run()
+    on = dry_run("--configfile", overlay(workdir, "evaluation: {released: true}"))
+    released = yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]["cifar10-uncond"]["released"]
+    n = sum(len(by_alpha) for by_alpha in released.values())
+    assert n == 4 and off["evaluate_released"] == 0
+    assert on - off == Counter(evaluate_released=n, convert_generator=n, download=n, summarize=n)
+
+
+def test_only_evaluations_read_the_precision_recall_batch_and_dinov2(workdir):
+    """ImageNet 64's evaluations get OpenAI's reference batch, EDM2's get DINOv2; distillations neither."""
+    r = subprocess.run([*SNAKEMAKE, "-n", "-p", "results/tables/imagenet64.csv", "results/tables/edm2.csv"],
+                       cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    commands = [line for line in r.stdout.splitlines() if "sidcore launch" in line]
+    evaluations = [c for c in commands if " evaluate " in c]
+    distillations = [c for c in commands if " distill " in c]
+    assert len(evaluations) == 5 + 18 and len(distillations) == 5 + 18
+    virtual = "--pr-reference resources/downloads/refs/VIRTUAL_imagenet64_labeled"
+    assert sum(virtual in c for c in evaluations) == 5
+    assert sum("--dinov2-weights resources/downloads/detector/dinov2-vitl14" in c for c in evaluations) == 18
+    assert not any("--pr-reference" in c or "--dinov2-weights" in c for c in distillations)

@@ -99,7 +99,8 @@ def train_digit_classifier(
     estimate for it.
     """
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (1, RESOLUTION, RESOLUTION):
-        raise ValueError(f"expected uint8 [N, 1, {RESOLUTION}, {RESOLUTION}] images, got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(f"expected uint8 [N, 1, {RESOLUTION}, {RESOLUTION}] images, "
+                         f"got {images.dtype} {tuple(images.shape)}")
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)), test_size=test_fraction, stratify=labels.numpy(), random_state=seed)
     x_train, y_train = images[train_idx], labels[train_idx]
@@ -157,7 +158,8 @@ class DigitFeatureExtractor(FeatureExtractorBase):
                  **kwargs) -> None:
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
-            raise ValueError(f"feature extractor {name!r} needs feature_extractor_weights_path (a {CHECKPOINT_KIND} checkpoint)")
+            raise ValueError(f"feature extractor {name!r} needs feature_extractor_weights_path "
+                             f"(a {CHECKPOINT_KIND} checkpoint)")
         self.net = load_digit_classifier(feature_extractor_weights_path)[0]
         self.requires_grad_(False)
         self.eval()
@@ -176,7 +178,8 @@ class DigitFeatureExtractor(FeatureExtractorBase):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (1, RESOLUTION, RESOLUTION):
-            raise ValueError(f"expected uint8 [B, 1, {RESOLUTION}, {RESOLUTION}] images, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"expected uint8 [B, 1, {RESOLUTION}, {RESOLUTION}] images, "
+                             f"got {images.dtype} {tuple(images.shape)}")
         conv, features, logits = self.net.all_features(images)
         out = {"256": conv.float(), "64": features.float(), "logits": logits.float()}
         return tuple(out[name] for name in self.features_list)
@@ -193,14 +196,16 @@ def _train_detector(args: argparse.Namespace) -> int:
     if data.labels is None:
         raise SystemExit(f"{args.data}: the classifier needs a labelled dataset")
     start = time.perf_counter()
-    net, test_accuracy = train_digit_classifier(data.load(torch.arange(len(data))), data.labels, seed=args.seed, epochs=args.epochs)
+    net, test_accuracy = train_digit_classifier(data.load(torch.arange(len(data))), data.labels,
+                                                seed=args.seed, epochs=args.epochs)
     save_digit_classifier(net, test_accuracy, args.out)
     print(f"held-out accuracy {test_accuracy:.4f} ({time.perf_counter() - start:.1f} s) -> {args.out}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train-detector", help="train the digit classifier used as FID/IS detector (tiny experiment)")
+    p = subparsers.add_parser("train-detector",
+                              help="train the digit classifier used as FID/IS detector (tiny experiment)")
     p.add_argument("--data", required=True, help="labelled EDM-layout zip of 8x8 grayscale digits")
     p.add_argument("--out", required=True, help="checkpoint path to write")
     p.add_argument("--seed", type=int, default=0)

@@ -18,7 +18,8 @@ NUMERIC_COLUMNS = ("alpha", "nfe", "mean", "std")
 
 @dataclass(frozen=True)
 class PaperEntry:
-    """One row of a paper table with all its metrics: ``values[metric] = (mean, std or None)``."""
+    """One row of a paper table with all its metrics: ``values[metric] = (mean, std or None)``, printed
+    with ``decimals[metric]`` decimals as in the paper."""
 
     model: str
     family: str
@@ -29,11 +30,14 @@ class PaperEntry:
     nfe: int | None
     source: str
     values: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    decimals: dict[str, int] = field(default_factory=dict)
 
 
 def load(path: Path = DATA_FILE) -> pd.DataFrame:
-    """All paper values; text columns hold ``""`` when empty, numeric columns ``NaN``."""
+    """All paper values; text columns hold ``""`` when empty, numeric columns ``NaN``; ``decimals`` is the
+    number of decimals the mean is printed with."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame["decimals"] = frame["mean"].str.partition(".")[2].str.len()
     for column in NUMERIC_COLUMNS:
         frame[column] = pd.to_numeric(frame[column].where(frame[column] != "")).astype(float)
     return frame
@@ -60,4 +64,5 @@ def entries(table: str, frame: pd.DataFrame | None = None) -> list[PaperEntry]:
             size=line.size, cfg=line.cfg, nfe=None if nfe is None else int(nfe),
             source=line.source))
         entry.values[line.metric] = (float(line.mean), _optional(line.std))
+        entry.decimals[line.metric] = int(line.decimals)
     return list(grouped.values())

@@ -1,7 +1,8 @@
 """``sidcore plot``: in-training FID against images seen, log–log, one curve per distillation run.
 
-Optional horizontal reference lines: the teacher's evaluated FID (dashed, labelled with its NFE)
-and the paper's final numbers (dotted).
+Horizontal reference lines: the teacher (dashed; our evaluated teacher if given, else the paper's) and the
+paper's final FIDs of the SiD family for the same table and EDM2 size (dotted, coloured like the curve of
+the same method and α), both looked up in ``sidcore/data/paper_results.csv``.
 """
 from __future__ import annotations
 
@@ -9,27 +10,27 @@ import argparse
 import json
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 from sidcore.atomic import atomic_path
+from sidcore.report import paper
+from sidcore.report.names import DISTILLATION_METHODS, method_label
+from sidcore.report.paper import PaperEntry
+
+Run = tuple[str, float, Path]  # method, α, log.jsonl
 
 
-def split_pair(text: str) -> tuple[str, str]:
-    """Split ``LABEL=VALUE`` at the last ``=`` (labels such as ``SiD α=1.2`` contain one)."""
-    label, sep, value = text.rpartition("=")
-    if not sep or not label or not value:
-        raise argparse.ArgumentTypeError(f"expected LABEL=VALUE, got {text!r}")
-    return label, value
-
-
-def label_fid(text: str) -> tuple[str, float]:
-    """``LABEL=VALUE`` with a numeric value."""
-    label, value = split_pair(text)
+def parse_run(method: str, alpha: str, log: str) -> Run:
+    """Check one ``--run METHOD ALPHA LOG``."""
+    if method not in DISTILLATION_METHODS:
+        raise ValueError(f"--run {method} {alpha} {log}: method must be one of {', '.join(DISTILLATION_METHODS)}")
     try:
-        return label, float(value)
+        return method, float(alpha), Path(log)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number in {text!r}") from None
+        raise ValueError(f"--run {method} {alpha} {log}: α is not a number") from None
 
 
 def fid_curve(path: Path) -> tuple[list[float], list[float]]:
@@ -47,44 +48,70 @@ def fid_curve(path: Path) -> tuple[list[float], list[float]]:
     return images, fids
 
 
-def figure(logs: list[tuple[str, Path]], teacher_summary: Path | None,
-           paper_fids: list[tuple[str, float]], title: str) -> Figure:
+def paper_fids(table: str, size: str) -> tuple[list[PaperEntry], list[PaperEntry]]:
+    """The paper's teacher rows and SiD-family rows reporting an FID for ``table`` and EDM2 ``size``."""
+    rows = [entry for entry in paper.entries(table) if entry.size == size and "fid" in entry.values]
+    return ([entry for entry in rows if entry.method == "teacher"],
+            [entry for entry in rows if entry.method in DISTILLATION_METHODS])
+
+
+def _printed(entry: PaperEntry) -> str:
+    """The paper's FID as printed there."""
+    return f"{entry.values['fid'][0]:.{entry.decimals['fid']}f}"
+
+
+def _teacher_lines(axes: Axes, summary: Path | None, entries: list[PaperEntry]) -> None:
+    """Dashed teacher lines: ours from its evaluation summary, else the paper's (one per NFE it reports)."""
+    if summary is not None:
+        teacher = json.loads(Path(summary).read_text())
+        fid = teacher["metrics"]["fid"]["mean"]
+        lines = [(fid, f"Teacher, {teacher['nfe']} NFE (ours): {fid:.3f}")]
+    else:
+        lines = [(entry.values["fid"][0], f"Teacher, {entry.nfe} NFE (paper): {_printed(entry)}")
+                 for entry in entries]
+    for number, (fid, label) in enumerate(lines):
+        axes.axhline(fid, color="black", alpha=1.0 - 0.4 * number, linestyle="--", linewidth=1, label=label)
+
+
+def figure(runs: list[Run], teacher_summary: Path | None, table: str, size: str, title: str) -> Figure:
     """Build the plot; each curve is checked before anything is drawn."""
-    curves = [(label, *fid_curve(path)) for label, path in logs]
-    fig = Figure(figsize=(6.4, 4.8))
+    curves = [(method, alpha, *fid_curve(path)) for method, alpha, path in runs]
+    teachers, finals = paper_fids(table, size)
+    fig = Figure(figsize=(8.0, 4.8))
     FigureCanvasAgg(fig)
     axes = fig.add_subplot()
-    for label, images, fids in curves:
-        axes.plot(images, fids, marker="o", markersize=3, linewidth=1.2, label=label)
-    if teacher_summary is not None:
-        teacher = json.loads(Path(teacher_summary).read_text())
-        fid = teacher["metrics"]["fid"]["mean"]
-        axes.axhline(fid, color="black", linestyle="--", linewidth=1,
-                     label=f"Teacher, {teacher['nfe']} NFE ({fid:.3f})")
-    for number, (label, value) in enumerate(paper_fids, start=len(curves)):
-        axes.axhline(value, linestyle=":", linewidth=1.2, color=f"C{number % 10}",
-                     label=f"{label} ({value:g})")
+    colours: dict[tuple[str, float], str] = {}
+    for method, alpha, images, fids in curves:
+        colour = colours.setdefault((method, alpha), f"C{len(colours) % 10}")
+        axes.plot(images, fids, marker="o", markersize=3, linewidth=1.2, color=colour,
+                  label=method_label(method, alpha))
+    _teacher_lines(axes, teacher_summary, teachers)
+    for entry in finals:
+        colour = colours.setdefault((entry.method, entry.alpha), f"C{len(colours) % 10}")
+        axes.axhline(entry.values["fid"][0], linestyle=":", linewidth=1.4, color=colour,
+                     label=f"{method_label(entry.method, entry.alpha)} (paper): {_printed(entry)}")
     axes.set_xscale("log")
     axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # FID 2, 3, 10 rather than 2×10⁰
+    axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     axes.set_xlabel("images seen")
     axes.set_ylabel("FID")
     if title:
         axes.set_title(title)
     axes.grid(True, which="both", linewidth=0.5, alpha=0.5)
-    axes.legend(fontsize="small")
-    fig.tight_layout()
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return fig
 
 
 def save_atomic(fig: Figure, path: Path) -> None:
     """Save ``fig`` in the format given by ``path``'s suffix through a temporary file."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=150)
+        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=150, bbox_inches="tight")
 
 
 def run(args: argparse.Namespace) -> int:
-    logs = [(label, Path(path)) for label, path in args.log]
-    fig = figure(logs, args.teacher_summary, args.paper_fid, args.title)
+    runs = [parse_run(*values) for values in args.run]
+    fig = figure(runs, args.teacher_summary, args.table, args.size, args.title)
     save_atomic(fig, args.out)
     save_atomic(fig, args.out.with_suffix(".pdf"))
     return 0
@@ -93,14 +120,15 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plot", help="plot in-training FID against images seen",
-        description="Plot in-training FID against images seen (log-log), one curve per run; "
-                    "write PNG and PDF.")
-    parser.add_argument("--log", action="append", type=split_pair, required=True,
-                        metavar="LABEL=PATH", help="a run's log.jsonl (repeatable)")
+        description="Plot in-training FID against images seen (log-log), one curve per run, with the teacher "
+                    "and the paper's final FIDs as horizontal lines; write PNG and PDF.")
+    parser.add_argument("--run", action="append", nargs=3, required=True, metavar=("METHOD", "ALPHA", "LOG"),
+                        help="a distillation run: method (sid, sida, sid2a), α and its log.jsonl (repeatable)")
+    parser.add_argument("--table", required=True,
+                        help="the dataset's table (config.yaml `table`): where the paper's lines come from")
+    parser.add_argument("--size", default="", help="EDM2 model size (xs ... xxl), for the EDM2 table")
     parser.add_argument("--teacher-summary", type=Path, metavar="PATH",
-                        help="teacher eval/summary.json: dashed line at its mean FID")
-    parser.add_argument("--paper-fid", action="append", type=label_fid, default=[],
-                        metavar="LABEL=VALUE", help="dotted line at a paper FID (repeatable)")
+                        help="our teacher's eval/summary.json; without it the paper's teacher FID is drawn")
     parser.add_argument("--title", default="")
     parser.add_argument("--out", required=True, type=Path,
                         help="PNG to write; a PDF goes beside it")

@@ -1,20 +1,23 @@
 """``sidcore tabulate``: our evaluation summaries next to the paper's numbers (CSV + Markdown).
 
-The table lists every row the paper reports for the chosen table (status ``paper only``), then one
-row per evaluation summary. A summary is paired with the paper row of the same method, α and
-EDM2 size (NFE breaks ties), which fills its ``(paper)`` and ``Δ`` columns.
+Rows follow the paper's table. A paper row that one of our summaries reproduces (same method, α, EDM2 size
+and a compatible NFE) is one row with our numbers, the paper's and their difference; a paper row we have not
+run shows the paper's numbers only. A released generator we evaluated gets a row of its own, right after the
+paper row it is paired with. Summaries that match no paper row (a new α or dataset) come last.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
 
 from sidcore.atomic import write_text
 from sidcore.report import paper
+from sidcore.report.names import METHOD_NAMES, alpha_text, method_label, model_label, table_title
 from sidcore.report.paper import PaperEntry
 
 TABLE_METRICS = {
@@ -29,12 +32,18 @@ SUMMARY_TABLE = {"edm2_fd_dinov2": "edm2"}
 METRIC_LABELS = {"fid": "FID", "is": "IS", "precision": "Precision", "recall": "Recall",
                  "fd_dinov2": "FD_DINOv2"}
 METRIC_DECIMALS = {"precision": 2, "recall": 2}
-DELTA_DECIMALS = 3
-METHOD_NAMES = {"teacher": "Teacher", "sid": "SiD", "sida": "SiDA", "sid2a": "SiD²A"}
 SIZE_ORDER = ("xs", "s", "m", "l", "xl", "xxl")
-BASE_COLUMNS = ("model", "method", "alpha", "size", "CFG", "NFE", "images seen (Mimg)", "runs")
-# Dropped when no row fills them (size and CFG exist only in the EDM2 tables).
-OPTIONAL_COLUMNS = ("size", "CFG", "paper source")
+SOURCES = ("ours", "released")
+STATUS = {
+    "paper only": "the paper's row, not run here",
+    "ours + paper": "our run of the paper's row",
+    "ours": "our run of a model the paper does not report",
+    "released": "a generator released by the authors, evaluated here",
+}
+BASE_COLUMNS = ("model", "family", "method", "alpha", "size", "CFG", "NFE", "images seen (Mimg)", "runs")
+# Dropped when no row fills them (family, size and CFG come from the paper; size and CFG exist only in EDM2).
+OPTIONAL_COLUMNS = ("family", "size", "CFG", "paper source")
+STD_NAMES = {0: "population standard deviation", 1: "sample standard deviation"}
 
 
 def metrics_for(table: str) -> tuple[str, ...]:
@@ -42,12 +51,19 @@ def metrics_for(table: str) -> tuple[str, ...]:
     return TABLE_METRICS.get(table, DEFAULT_METRICS)
 
 
-def check_table(summary: dict, table: str, origin: str) -> None:
-    """Raise ``ValueError`` naming ``origin`` if ``summary`` belongs to another table."""
+def is_released(summary: dict) -> bool:
+    """Whether a summary evaluates a released generator (summaries without ``source`` are ours)."""
+    return summary.get("source", "ours") == "released"
+
+
+def check_summary(summary: dict, table: str, origin: str) -> None:
+    """Raise ``ValueError`` naming ``origin`` if ``summary`` belongs to another table or has an unknown source."""
     accepted = {table, SUMMARY_TABLE.get(table, table)}
     if summary.get("table") not in accepted:
         raise ValueError(f"{origin}: summary is for table {summary.get('table')!r}, "
                          f"not {table!r}")
+    if summary.get("source", "ours") not in SOURCES:
+        raise ValueError(f"{origin}: unknown source {summary['source']!r} (known: {', '.join(SOURCES)})")
 
 
 def load_summaries(paths: list[Path], table: str) -> list[dict]:
@@ -55,25 +71,19 @@ def load_summaries(paths: list[Path], table: str) -> list[dict]:
     summaries = []
     for path in paths:
         summary = json.loads(Path(path).read_text())
-        check_table(summary, table, str(path))
+        check_summary(summary, table, str(path))
         summaries.append(summary)
     return summaries
 
 
-def _number(value: float, decimals: int) -> str:
-    return f"{value:.{decimals}f}"
-
-
 def _mean_std(mean: float, std: float | None, decimals: int) -> str:
     """``mean ± std``; a missing or NaN std (a single run) leaves the mean alone."""
-    text = _number(mean, decimals)
-    return text if std is None or math.isnan(std) else f"{text} ± {_number(std, decimals)}"
+    text = f"{mean:.{decimals}f}"
+    return text if std is None or math.isnan(std) else f"{text} ± {std:.{decimals}f}"
 
 
-def _alpha(alpha: float | None) -> str:
-    if alpha is None:
-        return ""
-    return f"{alpha:.1f}" if round(alpha, 1) == alpha else f"{alpha:g}"
+def _text(value: int | None) -> str:
+    return "" if value is None else str(value)
 
 
 def _mimg(kimg: float | None) -> str:
@@ -86,14 +96,17 @@ def _same_alpha(a: float | None, b: float | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b))
 
 
-def _match(summary: dict, candidates: list[PaperEntry]) -> PaperEntry | None:
-    """The paper row reporting the same model as ``summary``, if exactly one does."""
-    found = [entry for entry in candidates
+def _match(summary: dict, entries: list[PaperEntry]) -> int | None:
+    """Index of the paper row reporting the same model as ``summary``, if exactly one does.
+
+    The NFE must agree where both sides state it (the paper may list a teacher at several NFEs).
+    """
+    nfe = summary.get("nfe")
+    found = [index for index, entry in enumerate(entries)
              if entry.method and entry.method == summary["method"]
              and _same_alpha(entry.alpha, summary.get("alpha"))
-             and entry.size == (summary.get("size") or "")]
-    if len(found) > 1:
-        found = [entry for entry in found if entry.nfe == summary.get("nfe")]
+             and entry.size == (summary.get("size") or "")
+             and (entry.nfe is None or nfe is None or entry.nfe == nfe)]
     return found[0] if len(found) == 1 else None
 
 
@@ -101,7 +114,7 @@ def _summary_order(summary: dict) -> tuple:
     method = summary["method"]
     methods = list(METHOD_NAMES)
     size = summary.get("size") or ""
-    return (methods.index(method) if method in methods else len(methods), method,
+    return (is_released(summary), methods.index(method) if method in methods else len(methods), method,
             summary.get("alpha") or 0.0,
             SIZE_ORDER.index(size) if size in SIZE_ORDER else len(SIZE_ORDER),
             summary.get("nfe") or 0)
@@ -121,49 +134,47 @@ def columns(metrics: tuple[str, ...], with_paper: bool) -> list[str]:
             "paper source", "status"]
 
 
-def _metric_cells(metrics: tuple[str, ...], ours: dict, theirs: dict, with_paper: bool) -> dict:
-    """``(ours)``, ``(paper)`` and ``Δ`` cells; ``ours``/``theirs`` map metric -> (mean, std)."""
+def _metric_cells(metrics: tuple[str, ...], ours: dict, entry: PaperEntry | None, with_paper: bool) -> dict:
+    """``(ours)``, ``(paper)`` and ``Δ`` cells; ``ours`` maps metric -> (mean, std).
+
+    Paper values keep the paper's decimals; ours and Δ have ``METRIC_DECIMALS`` (default 3).
+    """
     cells = {}
     for metric in metrics:
         decimals = METRIC_DECIMALS.get(metric, 3)
-        mine, published = ours.get(metric), theirs.get(metric)
+        mine = ours.get(metric)
+        published = None if entry is None else entry.values.get(metric)
         texts = ["" if mine is None else _mean_std(*mine, decimals)]
         if with_paper:
-            texts.append("" if published is None else _mean_std(*published, decimals))
+            texts.append("" if published is None else _mean_std(*published, entry.decimals[metric]))
             texts.append("" if mine is None or published is None
-                         else f"{mine[0] - published[0]:+.{DELTA_DECIMALS}f}")
+                         else f"{mine[0] - published[0]:+.{decimals}f}")
         cells.update(zip(_metric_columns(metric, with_paper), texts))
     return cells
 
 
-def _paper_row(entry: PaperEntry, metrics: tuple[str, ...]) -> dict:
-    return {"model": entry.model, "method": entry.method, "alpha": _alpha(entry.alpha),
-            "size": entry.size, "CFG": entry.cfg,
-            "NFE": "" if entry.nfe is None else str(entry.nfe),
-            "images seen (Mimg)": "", "runs": "",
-            **_metric_cells(metrics, {}, entry.values, with_paper=True),
-            "paper source": entry.source, "status": "paper only"}
+def _row(model: str, family: str, status: str, entry: PaperEntry | None, summary: dict | None,
+         metrics: tuple[str, ...], with_paper: bool) -> dict:
+    """One table row: the model's identity from ``summary`` (else ``entry``), numbers from both."""
+    model_id = summary if summary is not None else {
+        "method": entry.method, "alpha": entry.alpha, "size": entry.size, "nfe": entry.nfe}
+    summary = summary or {}
+    ours = {metric: (value["mean"], value.get("std")) for metric, value in summary.get("metrics", {}).items()}
+    return {"model": model, "family": family, "method": model_id["method"],
+            "alpha": alpha_text(model_id.get("alpha")), "size": model_id.get("size") or "",
+            "CFG": "" if entry is None else entry.cfg, "NFE": _text(model_id.get("nfe")),
+            "images seen (Mimg)": _mimg(summary.get("kimg")), "runs": _text(summary.get("runs")),
+            **_metric_cells(metrics, ours, entry, with_paper),
+            "paper source": "" if entry is None else entry.source, "status": status}
 
 
-def _our_row(summary: dict, entry: PaperEntry | None, metrics: tuple[str, ...],
-             with_paper: bool) -> dict:
-    method, alpha = summary["method"], summary.get("alpha")
-    name = METHOD_NAMES.get(method, method)
-    ours = {metric: (value["mean"], value.get("std"))
-            for metric, value in summary.get("metrics", {}).items()}
-    return {"model": name if alpha is None else f"{name}, α = {_alpha(alpha)}",
-            "method": method, "alpha": _alpha(alpha), "size": summary.get("size") or "",
-            "CFG": "" if entry is None else entry.cfg,
-            "NFE": "" if summary.get("nfe") is None else str(summary["nfe"]),
-            "images seen (Mimg)": _mimg(summary.get("kimg")),
-            "runs": "" if summary.get("runs") is None else str(summary["runs"]),
-            **_metric_cells(metrics, ours, {} if entry is None else entry.values, with_paper),
-            "paper source": "" if entry is None else entry.source,
-            "status": "ours" if entry is None else "ours + paper"}
+def _label(summary: dict) -> str:
+    label = method_label(summary["method"], summary.get("alpha"))
+    return f"{label} (released)" if is_released(summary) else label
 
 
 def tabulate(table: str, summaries: list[dict]) -> pd.DataFrame:
-    """Paper rows of ``table`` followed by our rows, all cells formatted as text.
+    """The rows of ``table`` (see the module docstring), all cells formatted as text.
 
     Without paper rows (e.g. ``tiny``) the ``(paper)`` and ``Δ`` columns are left out.
     """
@@ -171,34 +182,77 @@ def tabulate(table: str, summaries: list[dict]) -> pd.DataFrame:
     entries = paper.entries(table)
     with_paper = bool(entries)
     for number, summary in enumerate(summaries, start=1):
-        check_table(summary, table, f"summary {number}")
-    rows = [_paper_row(entry, metrics) for entry in entries]
-    rows += [_our_row(summary, _match(summary, entries), metrics, with_paper)
-             for summary in sorted(summaries, key=_summary_order)]
+        check_summary(summary, table, f"summary {number}")
+    families: dict[str, str] = {}
+    for entry in entries:
+        families.setdefault(entry.method, entry.family)
+    paired: dict[int, list[dict]] = defaultdict(list)
+    unpaired = []
+    for summary in sorted(summaries, key=_summary_order):
+        index = _match(summary, entries)
+        (unpaired if index is None else paired[index]).append(summary)
+
+    def own_row(summary: dict, entry: PaperEntry | None) -> dict:
+        status = "released" if is_released(summary) else "ours" if entry is None else "ours + paper"
+        family = families.get(summary["method"], "") if entry is None else entry.family
+        return _row(_label(summary), family, status, entry, summary, metrics, with_paper)
+
+    rows = []
+    for index, entry in enumerate(entries):
+        mine = next((summary for summary in paired[index] if not is_released(summary)), None)
+        rows.append(_row(model_label(entry.model, entry.alpha), entry.family,
+                         "paper only" if mine is None else "ours + paper", entry, mine, metrics, with_paper))
+        rows += [own_row(summary, entry) for summary in paired[index] if summary is not mine]
+    rows += [own_row(summary, None) for summary in unpaired]
     frame = pd.DataFrame(rows, columns=columns(metrics, with_paper))
     unused = [column for column in OPTIONAL_COLUMNS if not frame[column].astype(bool).any()]
     return frame.drop(columns=unused)
 
 
-def to_markdown(frame: pd.DataFrame, title: str) -> str:
-    """A GitHub-flavoured Markdown table of ``frame`` under a heading."""
+def _protocol(ddof: int | None, runs: int | None, num_images: int | None, detector: str | None) -> str:
+    """How our ± was computed, e.g. ``sample standard deviation (ddof = 1) over 10 runs of 50,000 images``."""
+    name = STD_NAMES.get(ddof, "standard deviation")
+    images = "?" if num_images is None else f"{num_images:,}"
+    return f"{name} (ddof = {ddof}) over {runs} runs of {images} images each, detector {detector}"
+
+
+def notes(summaries: list[dict], with_paper: bool) -> list[str]:
+    """The paragraphs under a table: our std convention and detector, the paper's values, the status."""
+    protocols: dict[tuple, list[str]] = defaultdict(list)
+    for summary in sorted(summaries, key=_summary_order):
+        key = tuple(summary.get(name) for name in ("std_ddof", "runs", "num_images", "detector"))
+        protocols[key].append(_label(summary))
+    if len(protocols) == 1:
+        lines = [f"Ours: mean ± {_protocol(*next(iter(protocols)))}."]
+    else:  # none (nothing evaluated yet) or several conventions
+        lines = [f"Ours ({', '.join(labels)}): mean ± {_protocol(*key)}." for key, labels in protocols.items()]
+    if with_paper:
+        lines.append("Paper: the published numbers, from `sidcore/data/paper_results.csv` (SiD/SiDA papers "
+                     "and READMEs; see `paper source`). For the SiD family ± is the std over the paper's 10 runs "
+                     "of 50,000 images (ddof not stated); teacher and baseline rows are quoted from the "
+                     "literature. Δ = ours − paper, on the means.")
+    lines.append("Status: " + "; ".join(f"*{status}*: {meaning}" for status, meaning in STATUS.items()) + ".")
+    return lines
+
+
+def to_markdown(frame: pd.DataFrame, table: str, summaries: list[dict]) -> str:
+    """A GitHub-flavoured Markdown table of ``frame`` under a heading, with its notes."""
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
-    lines = [f"# {title}", "", line(list(frame.columns)), line(["---"] * len(frame.columns))]
+    lines = [f"# {table_title(table)}", "", line(list(frame.columns)), line(["---"] * len(frame.columns))]
     lines += [line(list(row)) for row in frame.itertuples(index=False)]
-    lines += ["", "± is the standard deviation over evaluation runs."]
-    if "paper source" in frame.columns:
-        lines[-1] += (" Paper values come from the SiD/SiDA papers and READMEs "
-                      "(`sidcore/data/paper_results.csv`); Δ = ours − paper.")
+    for note in notes(summaries, with_paper="paper source" in frame.columns):
+        lines += ["", note]
     lines.append("")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    frame = tabulate(args.table, load_summaries(args.summaries, args.table))
+    summaries = load_summaries(args.summaries, args.table)
+    frame = tabulate(args.table, summaries)
     write_text(args.out, frame.to_csv(index=False))
-    write_text(args.out.with_suffix(".md"), to_markdown(frame, f"Table {args.table}"))
+    write_text(args.out.with_suffix(".md"), to_markdown(frame, args.table, summaries))
     return 0
 
 

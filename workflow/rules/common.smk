@@ -7,6 +7,7 @@
 #   results/{dataset}/{method}/alpha{alpha}/          one distillation run (generator.pt, log.jsonl)
 #   results/{dataset}/{method}/alpha{alpha}/eval/     run{r}.json per evaluation run, summary.json
 #   results/{dataset}/teacher/eval/                   the teacher's evaluation (where configured)
+#   results/{dataset}/released/{method}/alpha{alpha}/eval/   a released generator's evaluation (evaluation.released)
 #   results/tables/{table}.csv|md, results/plots/{dataset}.png|pdf
 #   logs/jobs/{job}/                                  a GPU stage's job ids (jobs.txt) and per-task logs
 #
@@ -43,6 +44,8 @@ def check_config() -> None:
         if DATASETS[first]["data"] != d["data"]:
             raise ValueError(f"datasets.{name}.data: name {data_name(name)!r} is also used by datasets.{first} "
                              "with different settings; give one of them another data.name")
+        if {"precision", "recall"} & set(d["metrics"]) and "pr_reference" not in d:
+            raise ValueError(f"datasets.{name}.pr_reference: precision/recall need a reference batch of real images")
         if d["data"]["source"] == "vae-latents" and "latent" not in d:
             raise ValueError(f"datasets.{name}.latent: data.source vae-latents needs the VAE (latent.vae)")
         for key in artifact_keys(name):
@@ -58,15 +61,15 @@ def check_config() -> None:
                 except ValueError as e:
                     raise ValueError(f"datasets.{name}.methods.{method} (alpha {alpha}) with {world} processes "
                                      f"(cluster.jobs.distill nodes × gpus_per_node): {e}") from None
-        for stage in ("evaluate", "encode"):
-            job = cluster_job(config, name, stage)
-            if job["nodes"] * job["gpus_per_node"] != 1:
-                raise ValueError(f"datasets.{name}.cluster.jobs.{stage}: this stage runs as one process; "
-                                 "set nodes and gpus_per_node to 1")
             if spec.get("init") == "released":
-                missing = [a for a in spec["alphas"] if alpha_str(a) not in spec["released"]]
+                missing = [a for a in spec["alphas"] if alpha_str(a) not in released_keys(name, "sid")]
                 if missing:
-                    raise ValueError(f"datasets.{name}.methods.{method}.released: no generator for alphas {missing}")
+                    raise ValueError(f"datasets.{name}.released.sid: no generator for alphas {missing} "
+                                     f"(methods.{method}.init is released)")
+        job = cluster_job(config, name, "encode")
+        if job["nodes"] * job["gpus_per_node"] != 1:
+            raise ValueError(f"datasets.{name}.cluster.jobs.encode: this stage runs as one process; "
+                             "set nodes and gpus_per_node to 1")
 
 
 def job_dataset(w) -> str:
@@ -159,6 +162,22 @@ def runs(dataset):
     return [(m, alpha_str(a)) for m, spec in DATASETS[dataset]["methods"].items() for a in spec["alphas"]]
 
 
+def released_keys(dataset, method) -> dict:
+    """{alpha: registry key} of the released generators of ``dataset`` by ``method``."""
+    return {alpha_str(a): key for a, key in DATASETS[dataset].get("released", {}).get(method, {}).items()}
+
+
+def released_runs(dataset):
+    """(method, alpha) of the released generators evaluated for ``dataset`` (config evaluation.released)."""
+    if not {**config["evaluation"], **DATASETS[dataset].get("evaluation", {})}["released"]:
+        return []
+    return [(m, a) for m in DATASETS[dataset].get("released", {}) for a in released_keys(dataset, m)]
+
+
+def released_file(w):
+    return f"resources/generators/{released_keys(w.dataset, w.method)[w.alpha]}.pt"
+
+
 def datasets_of_tables(tables):
     wanted = {TABLE_SOURCES.get(t, t) for t in tables}
     return [name for name, d in DATASETS.items() if d["table"] in wanted]
@@ -181,12 +200,13 @@ def artifact_dir_files(prefix: str) -> list[str]:
 def artifact_keys(dataset) -> list[str]:
     """Registry keys a dataset's configuration names (checked by check_config)."""
     d = DATASETS[dataset]
-    keys = [d[part]["artifact"] for part in ("data", "teacher", "reference", "detector") if "artifact" in d[part]]
+    keys = [d[part]["artifact"] for part in ("data", "teacher", "reference", "detector", "pr_reference")
+            if "artifact" in d.get(part, {})]
     if "latent" in d:
         keys += [k for k in artifacts() if k.startswith(d["latent"]["vae"] + "/")] or [d["latent"]["vae"]]
     if "fd_dinov2" in d["metrics"]:
         keys.append(config["evaluation"]["fd_dinov2_detector"])
-    keys += d["methods"].get("sid2a", {}).get("released", {}).values()
+    keys += [key for method in d.get("released", {}) for key in released_keys(dataset, method).values()]
     return keys
 
 
@@ -260,27 +280,36 @@ def detector_file(w):
 
 def init_file(w):
     """SiD²A's starting generator: our SiD run of the same alpha, or a released SiD generator."""
-    spec = DATASETS[w.dataset]["methods"]["sid2a"]
-    if spec["init"] == "sid":
+    if DATASETS[w.dataset]["methods"]["sid2a"]["init"] == "sid":
         return f"{run_dir(w.dataset, 'sid', w.alpha)}/generator.pt"
-    return f"resources/generators/{spec['released'][w.alpha]}.pt"
+    return f"resources/generators/{released_keys(w.dataset, 'sid')[w.alpha]}.pt"
+
+
+def model_inputs(w):
+    """Inputs of distillation jobs (in-training FID): data, reference statistics, detector, the VAE where used."""
+    d = DATASETS[w.dataset]
+    return {"data": data_file(w), "refs": refs_file(w), "detector": detector_file(w), "vae": vae_files(d)}
 
 
 def eval_inputs(w):
-    """Inputs of distillation and evaluation jobs; the VAE and DINOv2 only where configured."""
+    """Inputs of evaluation jobs: those of ``model_inputs``, DINOv2 and the precision/recall batch where needed."""
     d = DATASETS[w.dataset]
-    inputs = {"data": data_file(w), "refs": refs_file(w), "detector": detector_file(w), "vae": vae_files(d)}
+    inputs = model_inputs(w)
     if "fd_dinov2" in d["metrics"]:
         inputs["dinov2"] = artifact_file(config["evaluation"]["fd_dinov2_detector"])
+    if {"precision", "recall"} & set(d["metrics"]):
+        inputs["pr_reference"] = artifact_file(d["pr_reference"]["artifact"])
     return inputs
 
 
 def eval_args(w, input) -> str:
-    """Command-line flags for the optional inputs of ``eval_inputs``."""
+    """Command-line flags for the optional inputs of ``model_inputs`` and ``eval_inputs``."""
     d = DATASETS[w.dataset]
     args = f"--vae {artifact_file(d['latent']['vae'])}" if "latent" in d else ""
     if "dinov2" in input.keys():
         args += f" --dinov2-weights {input.dinov2}"
+    if "pr_reference" in input.keys():
+        args += f" --pr-reference {input.pr_reference}"
     return args
 
 

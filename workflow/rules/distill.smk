@@ -5,7 +5,7 @@
 
 rule distill_sid:
     input:
-        unpack(eval_inputs),
+        unpack(model_inputs),
         teacher=teacher_file,
     output:
         generator="results/{dataset}/{method}/alpha{alpha}/generator.pt",
@@ -41,7 +41,7 @@ use rule distill_sid as distill_sida with:
 
 use rule distill_sid as distill_sid2a with:
     input:
-        unpack(eval_inputs),
+        unpack(model_inputs),
         teacher=teacher_file,
         init=init_file,
     wildcard_constraints:

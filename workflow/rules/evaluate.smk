@@ -28,6 +28,23 @@ rule evaluate_generator:
         " > {log} 2>&1"
 
 
+# A generator published with the papers (config evaluation.released): the same evaluation, rows marked released.
+use rule evaluate_generator as evaluate_released with:
+    input:
+        unpack(eval_inputs),
+        model=released_file,
+    output:
+        [f"results/{{dataset}}/released/{{method}}/alpha{{alpha}}/eval/{r}" for r in RUNS],
+    params:
+        **launch_params("evaluate"),
+        settings=lambda w: settings(w.dataset, w.method, w.alpha, stage="evaluate_released"),
+        outdir="results/{dataset}/released/{method}/alpha{alpha}/eval",
+        extra=lambda w, input: f"{eval_args(w, input)} --released {released_keys(w.dataset, w.method)[w.alpha]}",
+    log:
+        "logs/evaluate/{dataset}-released-{method}-alpha{alpha}.log",
+    localrule: True
+
+
 rule evaluate_teacher:
     input:
         unpack(eval_inputs),
@@ -59,7 +76,7 @@ rule summarize:
     output:
         "results/{dataset}/{model}/eval/summary.json",
     wildcard_constraints:
-        model=r"teacher|(sid|sida|sid2a)/alpha[0-9]+\.[0-9]+",
+        model=r"teacher|(released/)?(sid|sida|sid2a)/alpha[0-9]+\.[0-9]+",
     params:
         settings=lambda w: settings(w.dataset),
     log:

@@ -1,4 +1,7 @@
-# Comparison tables (ours next to the paper's numbers) and FID-versus-images plots.
+# Comparison tables (ours next to the paper's numbers) and FID-versus-images plots, marked for
+# `snakemake --report report.html` (captions in workflow/report/).
+
+report: "../report/workflow.rst"
 
 
 def summaries_of_table(w):
@@ -7,32 +10,47 @@ def summaries_of_table(w):
         if "teacher_eval" in DATASETS[dataset]:
             out.append(f"results/{dataset}/teacher/eval/summary.json")
         out += [f"{run_dir(dataset, m, a)}/eval/summary.json" for m, a in runs(dataset)]
+        out += [f"results/{dataset}/released/{m}/alpha{a}/eval/summary.json" for m, a in released_runs(dataset)]
     return out
 
 
 def plot_inputs(w):
-    logs = {f"{m}-{a}": f"{run_dir(w.dataset, m, a)}/log.jsonl" for m, a in runs(w.dataset)}
+    inputs = {"logs": [f"{run_dir(w.dataset, m, a)}/log.jsonl" for m, a in runs(w.dataset)]}
     if "teacher_eval" in DATASETS[w.dataset]:
-        logs["teacher"] = f"results/{w.dataset}/teacher/eval/summary.json"
-    return logs
+        inputs["teacher"] = f"results/{w.dataset}/teacher/eval/summary.json"
+    return inputs
 
 
-LABELS = {"sid": "SiD", "sida": "SiDA", "sid2a": "SiD²A"}
-
-
-def plot_args(w, input):
-    args = [f"--log '{LABELS[m]} α={a}={run_dir(w.dataset, m, a)}/log.jsonl'" for m, a in runs(w.dataset)]
+def plot_args(w, input) -> str:
+    """The runs' curves, and what identifies the dataset's paper numbers (its table and EDM2 size)."""
+    d = DATASETS[w.dataset]
+    args = [f"--run {m} {a} {log}" for (m, a), log in zip(runs(w.dataset), input.logs)]
+    args.append(f"--table {d['table']}")
+    if "size" in d:
+        args.append(f"--size {d['size']}")
     if "teacher" in input.keys():
         args.append(f"--teacher-summary {input.teacher}")
     return " ".join(args)
+
+
+def table_report(path, kind):
+    """A table output for the report: category Tables, one subcategory per table."""
+    return report(path, caption="../report/table.rst", category="Tables", subcategory="{table}",
+                  labels={"table": "{table}", "file": kind})
+
+
+def plot_report(path, kind):
+    """A plot output for the report: one subcategory per dataset."""
+    return report(path, caption="../report/plot.rst", category="FID against images seen", subcategory="{dataset}",
+                  labels={"dataset": "{dataset}", "file": kind})
 
 
 rule tabulate:
     input:
         summaries_of_table,
     output:
-        csv="results/tables/{table}.csv",
-        md="results/tables/{table}.md",
+        csv=table_report("results/tables/{table}.csv", "CSV"),
+        md=table_report("results/tables/{table}.md", "Markdown"),
     log:
         "logs/tabulate/{table}.log",
     localrule: True
@@ -44,8 +62,8 @@ rule plot:
     input:
         unpack(plot_inputs),
     output:
-        png="results/plots/{dataset}.png",
-        pdf="results/plots/{dataset}.pdf",
+        png=plot_report("results/plots/{dataset}.png", "PNG"),
+        pdf=plot_report("results/plots/{dataset}.pdf", "PDF"),
     params:
         args=plot_args,
     log:
