@@ -15,12 +15,12 @@
 # stage as local processes or as one SLURM job (config.yaml `launcher`) and waits for it; the other rules
 # are CPU jobs, sent to SLURM by Snakemake's executor under the slurm profile.
 from sidcore.registry import artifacts
+from sidcore.report.tabulate import SUMMARY_TABLE as TABLE_SOURCES  # tables made from another table's runs
 from sidcore.settings import (METHODS, batch_arithmetic, cluster_job, dumps, for_stage, generator_settings,
                               network_settings, resolve)
 
 DATASETS = config["datasets"]
 ARTIFACT_GROUPS = sorted({key.split("/", 1)[0] for key in artifacts()})
-TABLE_SOURCES = {"edm2_fd_dinov2": "edm2"}  # tables made from another table's runs
 
 
 wildcard_constraints:
