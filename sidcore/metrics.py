@@ -131,44 +131,6 @@ def precision_recall(gen_features: torch.Tensor, real_features: torch.Tensor, k:
     return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
 
 
-class FeatureAccumulator:
-    """Collects, batch by batch, the :func:`extract` output of a detector made by :func:`create_detector`."""
-
-    def __init__(self, detector: FeatureExtractorBase) -> None:
-        self.detector = detector
-        self.spec = detector_spec(detector.get_name())
-        self._features: list[torch.Tensor] = []
-        self._logits: list[torch.Tensor] = []
-
-    def __len__(self) -> int:
-        return sum(len(f) for f in self._features)
-
-    def add(self, images: torch.Tensor) -> None:
-        """Add a batch of uint8 images [B, C, H, W]."""
-        out = extract(self.detector, images)
-        self._features.append(out["fid"])
-        if "is" in out:
-            self._logits.append(out["is"])
-
-    def features(self) -> torch.Tensor:
-        """All FID features so far, float64 [N, D] (e.g. for :func:`precision_recall`)."""
-        if not self._features:
-            raise ValueError("no images were added")
-        return torch.cat(self._features)
-
-    def fid_statistics(self) -> Stats:
-        """Mean and unbiased covariance of the FID features, float64."""
-        return fid_statistics(self.features())
-
-    def inception_score(self, splits: int = 10) -> float:
-        """Inception Score of the images added so far (see :func:`inception_score`)."""
-        if self.spec.is_feature is None:
-            raise ValueError(f"detector {self.detector.get_name()!r} has no classifier for the Inception Score")
-        if not self._logits:
-            raise ValueError("no images were added")
-        return inception_score(torch.cat(self._logits), splits=splits)
-
-
 def _as_stats(stats: dict, where: str) -> Stats:
     mu, sigma = (np.asarray(stats[k], dtype=np.float64) for k in ("mu", "sigma"))
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
@@ -186,10 +148,7 @@ def frechet_distance(stats_a: dict, stats_b: dict) -> float:
 
 def reference_from_batches(batches: Iterable[torch.Tensor], detector: FeatureExtractorBase) -> Stats:
     """FID statistics (unbiased covariance, like EDM's reference files) of uint8 image batches [B, C, H, W]."""
-    acc = FeatureAccumulator(detector)
-    for images in batches:
-        acc.add(images)
-    return acc.fid_statistics()
+    return fid_statistics(torch.cat([extract(detector, images)["fid"] for images in batches]))
 
 
 # ------------------------------------------------------------------------------------------------
