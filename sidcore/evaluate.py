@@ -131,7 +131,7 @@ class Evaluator:
                 images = to_pixels(sample(noise(n, self.shape, gen, self.device), labels), self.vae)
                 mine[block] = {name: metrics.extract(det, images) for name, det in self.detectors.items()}
             if ctx.is_main and time.time() - last_report > 60:
-                done = min((step + 1) * ctx.world_size, blocks) * batch
+                done = min((step + 1) * ctx.world_size * batch, num_images)
                 rate = (time.time() - start) / done * 1000
                 self.log(f"run {run}: {done}/{num_images} images, {rate:.2f} s/kimg, "
                          f"ETA {rate * (num_images - done) / 1000:.0f} s")
@@ -211,8 +211,7 @@ def evaluate_runs(settings: dict, model: str, kind: str, data: str, refs: str, d
     else:
         num_steps = settings["teacher_eval"]["num_steps"]
         sample, nfe = teacher_sampler(net, num_steps), 2 * num_steps - 1
-    detectors = {name: (settings["detector"]["name"] if name == "inception" else DINOV2_DETECTOR)
-                 for name in evaluator.detectors}
+    detectors = {name: detector.get_name() for name, detector in evaluator.detectors.items()}
     common = {"dataset": settings["dataset"], "size": settings.get("size"),
               "method": settings.get("method", "teacher"), "alpha": settings.get("alpha"),
               "source": "ours" if released is None else "released", "released_key": released,
