@@ -2,7 +2,14 @@
 # Every rule calls one `sidcore` command; settings come from config.yaml (validated below).
 from snakemake.utils import min_version, validate
 
+from sidcore import strict_yaml
+
 min_version("9.0")
+
+# Snakemake keeps the last of two equal keys and reports a syntax error without its place: read strictly first.
+for path in ["config.yaml", *workflow.configfiles]:
+    strict_yaml.load(path)
+
 
 configfile: "config.yaml"
 

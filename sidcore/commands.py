@@ -24,13 +24,13 @@ def _log(msg: str) -> None:
 
 def prepare_data(args: argparse.Namespace) -> int:
     from sidcore import prepare
-    from sidcore.dataset import link_image_zip, write_image_zip
+    from sidcore.dataset import link_image_zip, read_image_zip, write_image_zip
+    from sidcore.preflight import check_data_shape, check_data_source
     settings = _settings(args)
     data = settings["data"]
     key = f"datasets.{settings['dataset']}.data"
     source = data["source"]
-    if source in ("edm-zip", "image-folder", "vae-latents") and "path" not in data:
-        raise ValueError(f"{key}.path: required for source {source}")
+    check_data_source(settings)
     if source == "sklearn-digits":
         from sklearn.datasets import load_digits
         digits = load_digits()
@@ -38,6 +38,8 @@ def prepare_data(args: argparse.Namespace) -> int:
         write_image_zip(args.out, images, digits.target)
         _log(f"{len(images)} digits ({images.shape[-1]}x{images.shape[-1]}, 10 classes) -> {args.out}")
     elif source == "edm-zip":
+        ds = read_image_zip(data["path"], use_labels=settings["label_dim"] > 0)
+        check_data_shape(settings, ds.channels, ds.resolution, ds.label_dim)
         n = link_image_zip(data["path"], args.out)
         _log(f"{data['path']}: {n} items -> {args.out}")
     elif source == "cifar10-archive":
@@ -75,12 +77,14 @@ def distill(args: argparse.Namespace) -> int:
     from sidcore.distill import Distiller
     from sidcore.distributed import init_from_env, shutdown
     from sidcore.evaluate import TRAINING_METRICS, Evaluator, generator_sampler
+    from sidcore.preflight import check_evaluation
     settings = _settings(args)
     Path(args.outdir).mkdir(parents=True, exist_ok=True)
-    if (settings["init"] == "teacher") != (args.init is None):
+    if (settings["init"] is None) != (args.init is None):
         raise ValueError(f"datasets.{settings['dataset']}.methods.{settings['method']}.init={settings['init']!r} "
                          f"but --init was {'not ' if args.init is None else ''}given")
     d = settings["distill"]
+    check_evaluation(settings)
     ctx = init_from_env()
     distiller = Distiller(settings, args.teacher, args.data, args.outdir, init_path=args.init, ctx=ctx,
                           vae_path=args.vae)
@@ -103,8 +107,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from sidcore import REQUEUE_EXIT
     from sidcore.distributed import init_from_env, shutdown
     from sidcore.evaluate import Stopped, evaluate_runs
+    from sidcore.preflight import check_evaluation
     from sidcore.summary import write_json
     settings = _settings(args)
+    check_evaluation(settings)
     Path(args.outdir).mkdir(parents=True, exist_ok=True)
     ctx = init_from_env()
     try:

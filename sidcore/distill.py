@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sidcore import checkpoint, stopping
 from sidcore.atomic import atomic_path
+from sidcore.augment import AugmentPipe
 from sidcore.dataset import ShuffledOrder, read_image_zip
 from sidcore.distributed import Context, any_rank, barrier, broadcast, gather, to_device
 from sidcore.latent import load_vae
@@ -41,7 +42,8 @@ from sidcore.networks import build_network
 from sidcore.networks.edm2 import force_weight_normalization_
 from sidcore.randomness import SampleNoise, micro_batch_positions
 from sidcore.sampling import image_grid, one_step, to_pixels
-from sidcore.settings import batch_arithmetic, generator_settings
+from sidcore.preflight import check_data_shape, check_distill
+from sidcore.settings import generator_settings
 
 
 EvaluateFn = Callable[[torch.nn.Module], dict]
@@ -103,18 +105,15 @@ class Distiller:
     def __init__(self, settings: dict, teacher_path: str, data_path: str, outdir: str,
                  init_path: str | None = None, ctx: Context | None = None, vae_path: str | None = None) -> None:
         d = settings["distill"]
-        if d["augment"] > 0:
-            raise NotImplementedError(
-                f"datasets.{settings['dataset']}.distill.augment={d['augment']}: EDM's augmentation pipeline "
-                "is not available in sidcore yet; set it to 0 to run without augmentation")
         self.settings, self.d = settings, d
         self.outdir = Path(outdir)
         self.ctx = ctx or Context(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_total, self.rounds = check_distill(settings, self.ctx.world_size)
         self.device = self.ctx.device
         torch.manual_seed(d["seed"] * self.ctx.world_size + self.ctx.rank)  # dropout masks, per rank
 
         self.dataset = read_image_zip(data_path, use_labels=settings["label_dim"] > 0)
-        self.check_dataset(settings)
+        check_data_shape(settings, self.dataset.channels, self.dataset.resolution, self.dataset.label_dim)
         self.order = ShuffledOrder(len(self.dataset), d["seed"])
         self.vae = load_vae(settings, vae_path, self.device)
         overrides = dict(dropout=d["dropout"], use_fp16=d["fp16"])
@@ -145,8 +144,7 @@ class Distiller:
         self.opt_psi = torch.optim.Adam(self.fake_score.parameters(), lr=d["lr"], betas=(0.0, 0.999), eps=eps)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=d["glr"], betas=(d["g_beta1"], 0.999), eps=eps)
         self.loss = SiDLoss(alpha=settings["alpha"], tmax=d["tmax"], P_mean=d["P_mean"], P_std=d["P_std"],
-                            logvar=logvar)
-        self.batch_total, self.rounds = batch_arithmetic(d["batch"], d["batch_gpu"], self.ctx.world_size)
+                            logvar=logvar, augment=AugmentPipe(d["augment"]) if d["augment"] > 0 else None)
         self.batch_gpu = self.batch_total // self.rounds
         self.shape = (settings["channels"], settings["resolution"], settings["resolution"])
         g = torch.Generator().manual_seed(d["seed"] + 7)  # fixed latents and labels of the sample grids
@@ -174,13 +172,6 @@ class Distiller:
                                           broadcast_buffers=False)
         net.requires_grad_(False)
         return wrapped
-
-    def check_dataset(self, settings: dict) -> None:
-        ds = self.dataset
-        want = (settings["channels"], settings["resolution"], settings["label_dim"])
-        if (ds.channels, ds.resolution, ds.label_dim) != want:
-            raise ValueError(f"datasets.{settings['dataset']}: config says channels/resolution/label_dim = {want}, "
-                             f"the data has {(ds.channels, ds.resolution, ds.label_dim)}")
 
     # ------------------------------------------------------------------------------------------
     def stage(self) -> int:
@@ -315,7 +306,7 @@ class Distiller:
                           "sec_per_kimg": sec_per_kimg, "eta_sec": rate * (total_nimg - self.cur_nimg) / 1000,
                           "peak_mem_mb": peak_memory_mb(self.device), **summarize(stats, iterations)}
                 stats, iterations = {}, 0
-                if done or self.cur_tick % d["snap_ticks"] == 0 or self.cur_tick in d["eval_early_ticks"]:
+                if self.evaluation_due(done):
                     record.update(self.evaluate(evaluate))
                 if ctx.is_main:
                     self.append_log(record)
@@ -330,6 +321,13 @@ class Distiller:
             self.finish()
         barrier(ctx)
         return True
+
+    def evaluation_due(self, done: bool) -> bool:
+        """In-training evaluation as the official loops: at the ticks of ``eval_early_ticks`` and every
+        ``snap_ticks`` ticks, none before ``eval_first_tick`` (EDM2: 20), and always at the end."""
+        d, tick = self.d, self.cur_tick
+        scheduled = tick % d["snap_ticks"] == 0 or tick in d["eval_early_ticks"]
+        return done or (scheduled and tick >= d["eval_first_tick"])
 
     def evaluate(self, evaluate: EvaluateFn) -> dict:
         """In-training metrics of G_ema (every rank generates, rank 0 computes and shares them), snapshots and grid."""

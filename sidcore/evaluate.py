@@ -29,8 +29,8 @@ from sidcore.distributed import Context, any_rank, gather_to_main, single_proces
 from sidcore.download import sha256_file
 from sidcore.latent import StabilityVAE, load_vae
 from sidcore.sampling import LabelSampler, heun, noise, one_step, to_pixels
+from sidcore.settings import BLOCK_STRIDE, num_blocks
 
-BLOCK_STRIDE = 1 << 16  # blocks per run: run r's seeds are base + (r + 1)·2^16 + block, block < 2^16
 INCEPTION_METRICS = ("fid", "is", "precision", "recall")
 TRAINING_METRICS = ("fid", "is")  # computed during distillation (model selection), as the official loops
 DINOV2_DETECTOR = "dinov2-vit-l-14-edm2"
@@ -50,14 +50,6 @@ def run_seed(base: int, run: int, block: int = 0) -> int:
     if run < -1:
         raise ValueError(f"run {run} < -1")
     return base + (run + 1) * BLOCK_STRIDE + block
-
-
-def num_blocks(num_images: int, batch: int) -> int:
-    blocks = math.ceil(num_images / batch)
-    if blocks > BLOCK_STRIDE:
-        raise ValueError(f"evaluation: {num_images} images in batches of {batch} make {blocks} blocks, more than "
-                         f"{BLOCK_STRIDE}; raise evaluation.batch")
-    return blocks
 
 
 def rank_seeds(base: int, run: int, num_images: int, batch: int, world_size: int) -> dict[int, list[int]]:

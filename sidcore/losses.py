@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.functional import softplus
 
+from sidcore.augment import AugmentPipe
 from sidcore.randomness import Noise
 
 # Noise-level schedule of the generator loss (Karras et al. 2022, eq. 5), fixed in the official code.
@@ -94,21 +95,29 @@ class SiDLoss:
     P_std: float = 1.2
     sigma_data: float = 0.5
     logvar: bool = False
+    augment: AugmentPipe | None = None  # EDM's augmentation of the fake score's inputs (distill.augment > 0)
 
     def call_fake(self, fake_score, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor,
-                  return_flag: str = "decoder"):
+                  return_flag: str = "decoder", augment_labels: torch.Tensor | None = None):
         """fake_score(x; σ) in the given mode, and u(σ) (zeros without the log-variance weighting)."""
         if not self.logvar:
-            return fake_score(x, sigma, labels, augment_labels=None, return_flag=return_flag), torch.zeros_like(sigma)
-        *out, u = fake_score(x, sigma, labels, augment_labels=None, return_flag=return_flag, return_logvar=True)
+            out = fake_score(x, sigma, labels, augment_labels=augment_labels, return_flag=return_flag)
+            return out, torch.zeros_like(sigma)
+        *out, u = fake_score(x, sigma, labels, augment_labels=augment_labels, return_flag=return_flag,
+                             return_logvar=True)
         return (out[0] if len(out) == 1 else tuple(out)), u
+
+    def augmented(self, x: torch.Tensor, noise: Noise, stream: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(y, a): ``x`` through the augmentation pipeline with its labels, or ``x`` and no labels."""
+        return (x, None) if self.augment is None else self.augment(x, noise, stream)
 
     def fake_score(self, fake_score, x_g: torch.Tensor, labels: torch.Tensor,
                    noise: Noise) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. (5): Σ_pixels λ(σ)(f_ψ(x_g + σε) − x_g)², x_g without gradient."""
+        """Eq. (5): Σ_pixels λ(σ)(f_ψ(y + σε) − y)², y = x_g (augmented where configured) without gradient."""
         sigma = sigma_lognormal(noise.randn("sigma", (1, 1, 1)), self.P_mean, self.P_std)
-        y = x_g
-        f_psi, u = self.call_fake(fake_score, y + sigma * noise.randn("eps", y.shape[1:]), sigma, labels)
+        y, a = self.augmented(x_g, noise, "augment")
+        f_psi, u = self.call_fake(fake_score, y + sigma * noise.randn("eps", y.shape[1:]), sigma, labels,
+                                  augment_labels=a)
         keep = nan_free(y, f_psi)
         loss = edm_weight(sigma, self.sigma_data) / u.exp() * (f_psi - y) ** 2 + u
         return per_sample(loss, keep), keep
@@ -117,14 +126,16 @@ class SiDLoss:
                                  noise: Noise) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eqs. (9)–(10): the fake-score loss and the discriminator loss from the fake score's encoder.
 
-        Real and fake branches share σ, the noise tensor and the labels; the real branch runs the
-        encoder only. Returns (L_ψ per sample, L_D per sample, keep).
+        Real and fake branches share σ, the noise tensor and the labels; each is augmented with draws of its
+        own where configured; the real branch runs the encoder only. Returns (L_ψ per sample, L_D per
+        sample, keep).
         """
         sigma = sigma_lognormal(noise.randn("sigma", (1, 1, 1)), self.P_mean, self.P_std)
         n = sigma * noise.randn("eps", x_g.shape[1:])
-        y = x_g
-        (f_psi, logit_fake), u = self.call_fake(fake_score, y + n, sigma, labels, "encoder_decoder")
-        logit_real, _ = self.call_fake(fake_score, x_real + n, sigma, labels, "encoder")
+        y, a_fake = self.augmented(x_g, noise, "augment")
+        y_real, a_real = self.augmented(x_real, noise, "augment_real")
+        (f_psi, logit_fake), u = self.call_fake(fake_score, y + n, sigma, labels, "encoder_decoder", a_fake)
+        logit_real, _ = self.call_fake(fake_score, y_real + n, sigma, labels, "encoder", a_real)
         keep = nan_free(y, f_psi, logit_fake, logit_real)
         weight = edm_weight(sigma, self.sigma_data) / u.exp()
         loss_psi = per_sample(weight * (f_psi - y) ** 2 + u, keep)

@@ -12,7 +12,7 @@ import importlib.resources
 import re
 from dataclasses import dataclass
 
-import yaml
+from sidcore import strict_yaml
 
 URL_SCHEMES = ("http://", "https://", "file://")
 FIELDS = {"url", "sha256", "size", "note"}
@@ -35,23 +35,10 @@ class Artifact:
         return self.key or self.url
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a mapping key given twice (plain PyYAML keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def parse(text: str) -> dict[str, Artifact]:
     """Parse and validate registry YAML into ``{key: Artifact}``."""
     table = {}
-    for group, entries in yaml.load(text, Loader=_UniqueKeyLoader).items():
+    for group, entries in strict_yaml.loads(text, "sidcore/data/artifacts.yaml").items():
         for name, fields in entries.items():
             key = f"{group}/{name}"
             if not isinstance(fields, dict) or "url" not in fields or set(fields) - FIELDS:

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
 METHODS = ("sid", "sida", "sid2a")
+AUGMENT_DIM = 9  # EDM's augmentation labels as the SiD scripts configure the pipeline (sidcore.augment)
 ADVERSARIAL = {"sid": False, "sida": True, "sid2a": True}
+
+
+def alpha_key(alpha: float | str) -> str:
+    """An alpha as config keys, paths and job names write it: "1.0", "1.2"."""
+    return str(float(alpha))
 
 
 def resolve(config: dict, dataset: str, method: str | None = None, alpha: float | None = None) -> dict:
@@ -30,8 +37,8 @@ def resolve(config: dict, dataset: str, method: str | None = None, alpha: float 
         out["method"] = method
         out["alpha"] = float(alpha)
         out["adversarial"] = ADVERSARIAL[method]
-        out["init"] = spec.get("init", "teacher")
-        by_alpha = spec.get("by_alpha", {}).get(str(float(alpha)), {})
+        out["init"] = spec.get("init")  # SiD²A: {from: sid | released, alpha}; else None (the teacher)
+        by_alpha = spec.get("by_alpha", {}).get(alpha_key(alpha), {})
         out["distill"] = {**entry["distill"], **spec.get("distill", {}), **by_alpha}
     return out
 
@@ -59,6 +66,18 @@ def batch_arithmetic(batch: int, batch_gpu: int, world_size: int) -> tuple[int, 
     if total % micro:
         raise ValueError(f"distill.batch_gpu={batch_gpu} does not divide the per-GPU batch {total}")
     return total, total // micro
+
+
+BLOCK_STRIDE = 1 << 16  # blocks per evaluation run: run r's seeds are base + (r + 1)·2^16 + block, block < 2^16
+
+
+def num_blocks(num_images: int, batch: int) -> int:
+    """Generation blocks of an evaluation run of ``num_images`` images (see ``sidcore.evaluate``)."""
+    blocks = math.ceil(num_images / batch)
+    if blocks > BLOCK_STRIDE:
+        raise ValueError(f"evaluation: {num_images} images in batches of {batch} make {blocks} blocks, more than "
+                         f"{BLOCK_STRIDE}; raise evaluation.batch")
+    return blocks
 
 
 GPU_STAGES = ("distill", "evaluate", "encode")

@@ -1,8 +1,9 @@
 """A distillation process for the parallelism and resilience tests (run as a script, one per rank).
 
-    python distill_worker.py ROOT OUT METHOD BATCH_GPU ITERATIONS|grads|run [KILL_AT_STATE_WRITE]
+    python distill_worker.py ROOT OUT METHOD BATCH_GPU AUGMENT ITERATIONS|grads|run [KILL_AT_STATE_WRITE]
 
-ROOT holds the toy teacher and data (see test_distill.make_toy). ``ITERATIONS`` runs that many iterations
+ROOT holds the toy teacher and data (see test_distill.make_toy); AUGMENT is distill.augment, the probability of
+EDM's augmentation in the fake-score (and discriminator) loss. ``ITERATIONS`` runs that many iterations
 and writes rank 0's weights to OUT/weights.pt; ``grads`` writes the gradients of the first fake-score and
 generator steps to OUT/grads.pt; ``run`` runs the whole loop (resuming from OUT). With
 KILL_AT_STATE_WRITE = n, the process kills itself with SIGKILL halfway through writing its n-th training
@@ -43,13 +44,13 @@ def kill_during_state_write(n: int) -> None:
 
 
 def main() -> int:
-    root, out, method, batch_gpu, what = sys.argv[1:6]
-    if len(sys.argv) > 6:
-        kill_during_state_write(int(sys.argv[6]))
+    root, out, method, batch_gpu, augment, what = sys.argv[1:7]
+    if len(sys.argv) > 7:
+        kill_during_state_write(int(sys.argv[7]))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    s = settings(method, batch=16, batch_gpu=int(batch_gpu), stage_kimg=[0.016, 0.032], duration_kimg=0.32,
-                 tick_kimg=0.016, snap_ticks=3, eval_early_ticks=[0], dump_ticks=1)
+    s = settings(method, batch=16, batch_gpu=int(batch_gpu), augment=float(augment), stage_kimg=[0.016, 0.032],
+                 duration_kimg=0.32, tick_kimg=0.016, snap_ticks=3, eval_early_ticks=[0], dump_ticks=1)
     ctx = init_from_env()
     distiller = Distiller(s, Path(root) / "teacher.pt", Path(root) / "data.zip", out, ctx=ctx)
     if what == "run":

@@ -27,13 +27,14 @@ def test_command_table_matches_the_modules():
     assert registered == set(cli.COMMANDS)
 
 
-def settings(tmp_path, data):
-    return json.dumps({"dataset": "toy", "data": data})
+def settings(tmp_path, data, channels=3, resolution=4, label_dim=3):
+    return json.dumps({"dataset": "toy", "data": data, "channels": channels, "resolution": resolution,
+                       "label_dim": label_dim})
 
 
 def test_prepare_digits(tmp_path):
     out = tmp_path / "digits.zip"
-    assert cli.main(["prepare-data", "--settings", settings(tmp_path, {"source": "sklearn-digits"}),
+    assert cli.main(["prepare-data", "--settings", settings(tmp_path, {"source": "sklearn-digits"}, 1, 8, 10),
                      "--out", str(out)]) == 0
     ds = read_image_zip(out)
     images = ds.load(torch.arange(len(ds)))
@@ -48,7 +49,7 @@ def test_prepare_edm_zip_checks_layout(tmp_path):
     assert cli.main(["prepare-data", "--settings", settings(tmp_path, {"source": "edm-zip", "path": str(good)}),
                      "--out", str(out)]) == 0
     assert read_image_zip(out).labels.tolist() == [0, 1, 2]
-    with pytest.raises(FileNotFoundError, match="missing.zip"):
+    with pytest.raises(ValueError, match=r"datasets.toy.data.path: \S*missing.zip is not an existing EDM zip"):
         cli.main(["prepare-data", "--settings",
                   settings(tmp_path, {"source": "edm-zip", "path": str(tmp_path / "missing.zip")}),
                   "--out", str(out)])
@@ -60,6 +61,10 @@ def test_prepare_edm_zip_checks_layout(tmp_path):
                   "--out", str(out)])
     with pytest.raises(ValueError, match="datasets.toy.data.path"):
         cli.main(["prepare-data", "--settings", settings(tmp_path, {"source": "edm-zip"}), "--out", str(out)])
+    with pytest.raises(ValueError, match=r"datasets.toy: config says channels/resolution/label_dim = \(3, 8, 3\)"):
+        cli.main(["prepare-data", "--settings", settings(tmp_path, {"source": "edm-zip", "path": str(good)},
+                                                         resolution=8), "--out", str(tmp_path / "other.zip")])
+    assert not (tmp_path / "other.zip").exists()
 
 
 def test_compute_commands_switch_network_libraries_offline(monkeypatch, tmp_path):

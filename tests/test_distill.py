@@ -13,7 +13,7 @@ from sidcore.distill import Distiller
 from sidcore.networks import build_network
 
 NETWORK = dict(arch="ddpmpp", img_resolution=8, img_channels=1, label_dim=10, model_channels=16,
-               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=0, dropout=0.0)
+               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.0)
 
 
 def settings(method: str, **distill) -> dict:
@@ -21,10 +21,10 @@ def settings(method: str, **distill) -> dict:
              ema_halflife_kimg=0.05, ema_rampup=0.05, init_sigma=2.5, tmax=800, P_mean=-1.2, P_std=1.2,
              loss_scaling=1, loss_scaling_G=100, loss_scaling_D=1, loss_scaling_G_gan=0.01, clip_fake_grad=1.0,
              stage_kimg=[0.032, 0.064], duration_kimg=0.16, tick_kimg=0.032, snap_ticks=2, eval_early_ticks=[0],
-             dump_ticks=1, keep_snapshots=2, eval_images=16, seed=3)
+             eval_first_tick=0, dump_ticks=1, keep_snapshots=2, eval_images=16, seed=3)
     d.update(distill)
     net = {k: v for k, v in NETWORK.items() if k not in ("img_resolution", "img_channels", "label_dim")}
-    return {"dataset": "toy", "method": method, "alpha": 1.2, "init": "teacher", "adversarial": method != "sid",
+    return {"dataset": "toy", "method": method, "alpha": 1.2, "init": None, "adversarial": method != "sid",
             "network": net, "distill": d, "resolution": 8, "channels": 1, "label_dim": 10}
 
 
@@ -146,3 +146,17 @@ def test_bf16_switches_every_network_to_bfloat16_compute(files, tmp_path):
     dist = Distiller(settings("sida", fp16=True, bf16=True), files / "teacher.pt", files / "data.zip", tmp_path)
     assert {net.half_dtype for net in (dist.true_score, dist.fake_score, dist.G, dist.G_ema)} == {torch.bfloat16}
     assert Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", tmp_path / "b").G.half_dtype == torch.float16
+
+
+@pytest.mark.parametrize("first_tick, evaluated", [(0, [0, 1, 2, 4, 5]), (3, [4, 5])])
+def test_in_training_evaluation_cadence_as_the_official_loops(files, tmp_path, first_tick, evaluated):
+    """Ticks 0–5 (the run ends at tick 5): every 2nd tick and ticks 0, 1; none before eval_first_tick (EDM2's
+    loop: 20, so a SiD²A run cannot publish its starting generator); always the last."""
+    s = settings("sid", snap_ticks=2, eval_early_ticks=[0, 1], eval_first_tick=first_tick)
+    Distiller(s, files / "teacher.pt", files / "data.zip", tmp_path).run(fake_fid, log=lambda m: None)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["tick"] for r in records] == [0, 1, 2, 3, 4, 5]
+    assert [r["tick"] for r in records if "fid" in r] == evaluated
+    published = checkpoint.load(tmp_path / "generator.pt")["meta"]
+    assert published["fid"] == min(r["fid"] for r in records if "fid" in r)
+    assert published["kimg"] * 1000 >= (first_tick > 0) * 4 * 32  # never the tick-0 generator when it is skipped

@@ -24,9 +24,10 @@ def settings(method: str) -> dict:
              ema_halflife_kimg=0.05, ema_rampup=0.05, init_sigma=2.5, tmax=800, P_mean=-0.4, P_std=1.0,
              loss_scaling=1, loss_scaling_G=100, loss_scaling_D=100, loss_scaling_G_gan=0.01, clip_fake_grad=None,
              stage_kimg=[0.008, 0.016], duration_kimg=0.032, tick_kimg=0.008, snap_ticks=2, eval_early_ticks=[0],
-             dump_ticks=2, keep_snapshots=2, eval_images=8, seed=5, force_normalization=True, return_logvar=True)
+             eval_first_tick=0, dump_ticks=2, keep_snapshots=2, eval_images=8, seed=5, force_normalization=True,
+             return_logvar=True)
     network = {k: v for k, v in TEACHER.items() if k not in ("img_resolution", "img_channels", "label_dim", "logvar")}
-    return {"dataset": "toy-edm2", "method": method, "alpha": 1.0, "init": "teacher", "adversarial": method != "sid",
+    return {"dataset": "toy-edm2", "method": method, "alpha": 1.0, "init": None, "adversarial": method != "sid",
             "network": network, "distill": d, "resolution": 8, "channels": 4, "label_dim": 10,
             "latent": {"vae": "vae/tiny", "resolution": PIXELS}}
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from sidcore import losses
+from sidcore.augment import AugmentPipe
 from sidcore.distill import Distiller, ema_beta, sanitize_grads
 from sidcore.settings import batch_arithmetic
-from sidcore.randomness import Noise
+from sidcore.randomness import Noise, SampleNoise
 
 
 class TorchNoise(Noise):
@@ -225,3 +226,46 @@ def test_batch_arithmetic_and_gradient_sanitising():
     assert net.weight.grad.tolist() == [[0.0, 1e5, -0.5]]
     sanitize_grads(net, 1.0)
     assert net.weight.grad.tolist() == [[0.0, 1.0, -0.5]]
+
+
+class LabelRecorder(Recorder):
+    """A Recorder that also keeps each call's input and augmentation labels."""
+
+    def forward(self, x, sigma, labels, augment_labels=None, return_flag="decoder"):
+        self.calls = getattr(self, "calls", []) + [(x.detach().clone(), augment_labels)]
+        return super().forward(x, sigma, labels, augment_labels, return_flag)
+
+
+def test_augmentation_where_the_official_losses_apply_it():
+    """The fake-score loss sees augmented generator images with their labels; SiDA's discriminator sees real
+    images augmented with draws of their own; the generator loss is never augmented."""
+    torch.manual_seed(0)
+    x_g, x_real, labels = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.zeros(4, 0)
+    noise = SampleNoise(7, range(100, 104))
+    pipe = AugmentPipe(1.0)
+    loss = losses.SiDLoss(alpha=1.2, augment=pipe)
+    y, a = pipe(x_g, noise, "augment")
+    y_real, a_real = pipe(x_real, noise, "augment_real")
+    assert not torch.allclose(y, x_g) and not torch.equal(a, a_real)
+    sigma = losses.sigma_lognormal(noise.randn("sigma", (1, 1, 1)), -1.2, 1.2)
+    n = sigma * noise.randn("eps", (3, 8, 8))
+    lam = losses.edm_weight(sigma, 0.5)
+
+    fake = LabelRecorder(0.5)
+    loss_psi, _ = loss.fake_score(fake, x_g, labels, noise)
+    assert torch.equal(fake.calls[0][0], y + n) and torch.equal(fake.calls[0][1], a)
+    assert torch.allclose(loss_psi, (lam * (0.5 * (y + n) - y) ** 2).flatten(1).sum(1), rtol=1e-5)
+
+    fake = LabelRecorder(0.5)
+    loss_psi_d, _, _ = loss.fake_score_discriminator(fake, x_g, x_real, labels, noise)
+    (fake_in, fake_a), (real_in, real_a) = fake.calls
+    assert torch.equal(fake_in, y + n) and torch.equal(fake_a, a)
+    assert torch.equal(real_in, y_real + n) and torch.equal(real_a, a_real)
+    assert torch.allclose(loss_psi_d, loss_psi)
+
+    true, fake = LabelRecorder(0.7), LabelRecorder(0.2)
+    loss.generator(true, fake, x_g, labels, noise, adversarial=True)
+    sigma_g = losses.sigma_generator(noise.rand("sigma", (1, 1, 1)), 800)
+    x_t = x_g + sigma_g * noise.randn("eps", (3, 8, 8))
+    for net in (true, fake):
+        assert torch.equal(net.calls[0][0], x_t) and net.calls[0][1] is None

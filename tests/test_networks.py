@@ -247,3 +247,19 @@ def test_snapshot_with_wrong_settings_is_refused(tmp_path):
     checkpoint.save_atomic(checkpoint.network_snapshot(net, {**SNAPSHOT, "model_channels": 32}), tmp_path / "n.pt")
     with pytest.raises((ValueError, RuntimeError), match="n.pt"):
         checkpoint.load_network(tmp_path / "n.pt")
+
+
+@pytest.mark.parametrize("arch", ["ddpmpp", "adm"])
+def test_no_augmentation_labels_mean_zeros_and_still_use_the_weights(arch):
+    """As the official code passing zeros(B, 9): the same output bit for bit, and map_augment takes part in
+    the pass (a zero gradient), as DDP requires of every parameter."""
+    torch.manual_seed(0)
+    net = tiny(arch, augment_dim=9).eval()
+    with torch.no_grad():  # away from the zero initialisation, so that the embedding reaches the output
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, sigma, labels = inputs()
+    assert torch.equal(net(x, sigma, labels), net(x, sigma, labels, augment_labels=torch.zeros(2, 9)))
+    assert not torch.equal(net(x, sigma, labels), net(x, sigma, labels, augment_labels=torch.ones(2, 9)))
+    net(x, sigma, labels).sum().backward()
+    assert net.model.map_augment.weight.grad is not None and not net.model.map_augment.weight.grad.any()

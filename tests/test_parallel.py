@@ -30,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(toy, out, method, batch_gpu, what, world_size=1, extra=()) -> list[subprocess.Popen]:
+def launch(toy, out, method, batch_gpu, what, world_size=1, extra=(), augment=0.0) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for rank in range(world_size):
@@ -39,7 +39,7 @@ def launch(toy, out, method, batch_gpu, what, world_size=1, extra=()) -> list[su
             env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(toy), str(out), method, str(batch_gpu),
-                                       str(what), *map(str, extra)], env=env, stdout=subprocess.PIPE,
+                                       str(augment), str(what), *map(str, extra)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -57,12 +57,15 @@ def relative_difference(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).norm() / a[k].norm().clamp(min=1e-12)).item() for k in a if a[k].is_floating_point())
 
 
+AUGMENT = 0.5  # EDM's augmentation with every transform firing often (the papers use 0.12 and 0.15)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sid", "sida"])
-def test_two_gloo_processes_equal_one_process(toy, tmp_path, method):
+@pytest.mark.parametrize("method, augment", [("sid", AUGMENT), ("sida", AUGMENT), ("sida", 0.0)])
+def test_two_gloo_processes_equal_one_process(toy, tmp_path, method, augment):
     """Global batch 16: 2 processes × 8 (DDP) = 1 process × 2 accumulated micro-batches of 8, after 5 iterations."""
     for name, world in (("1x2x8", 1), ("2x1x8", 2)):
-        finish(launch(toy, tmp_path / name, method, 8, ITERATIONS, world_size=world))
+        finish(launch(toy, tmp_path / name, method, 8, ITERATIONS, world_size=world, augment=augment))
     ref, ddp = (checkpoint.load(tmp_path / name / "weights.pt") for name in ("1x2x8", "2x1x8"))
     for net in ("G", "fake_score", "G_ema"):
         assert relative_difference(ref[net], ddp[net]) < 1e-6, net
@@ -93,14 +96,19 @@ def assert_identical(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_then_restart_is_bit_identical(toy, tmp_path):
-    finish(launch(toy, tmp_path / "ref", "sida", 8, "run"))
+@pytest.mark.parametrize("method", ["sid", "sida"])
+def test_kill_9_at_random_moments_then_restart_is_bit_identical(toy, tmp_path, method):
+    """With EDM's augmentation on: its draws, like all others, follow the sample positions."""
+    def run(out, **kw):
+        return launch(toy, out, method, 8, "run", augment=AUGMENT, **kw)
+
+    finish(run(tmp_path / "ref"))
     reference = final_state(tmp_path / "ref")
     out = tmp_path / "killed"
     rng = random.Random(0)
     kills = 0
     # A kill in the middle of writing the third training state: the previous one must stay loadable.
-    (proc,) = launch(toy, out, "sida", 8, "run", extra=(3,))
+    (proc,) = run(out, extra=(3,))
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL and "killed during a state write" in output
     kills += 1
@@ -108,7 +116,7 @@ def test_kill_9_at_random_moments_then_restart_is_bit_identical(toy, tmp_path):
     assert list(out.glob(".training-state.tmp*"))  # the half-written temporary file the crash left behind
     # Kills at random moments: after a random number of progress lines (ticks), mid-iteration.
     while kills < 6:
-        (proc,) = launch(toy, out, "sida", 8, "run")
+        (proc,) = run(out)
         wait_ticks = rng.randint(1, 2)
         seen = 0
         for line in proc.stdout:
@@ -124,7 +132,7 @@ def test_kill_9_at_random_moments_then_restart_is_bit_identical(toy, tmp_path):
         assert proc.returncode == -signal.SIGKILL
         kills += 1
     if not (out / "generator.pt").exists():
-        finish(launch(toy, out, "sida", 8, "run"))
+        finish(run(out))
     assert kills >= 5
     assert not list(out.glob(".*.tmp*"))  # a restart clears what crashed writes left
     assert_identical(reference, final_state(out))

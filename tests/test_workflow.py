@@ -7,11 +7,22 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def with_local_data(workdir: Path) -> Path:
+    """config.yaml's local data folders (ImageNet, FFHQ, AFHQv2), made empty under ``workdir``: a plan needs them
+    to exist, as a run does."""
+    config = (workdir / "config.yaml").read_text()
+    for path in set(re.findall(r"path: (/data/datasets/[^,}\s]+)", config)):
+        (workdir / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(config.replace("path: /data/datasets/", f"path: {workdir}/data/datasets/"))
+    return workdir
 
 
 @pytest.fixture
@@ -20,11 +31,11 @@ def workdir(tmp_path):
     for name in ("Snakefile", "config.yaml"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
-    return tmp_path
+    return with_local_data(tmp_path)
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*SNAKEMAKE, "-n", "--quiet", "rules", *args], cwd=workdir, capture_output=True,
+def snakemake(workdir: Path, *args: str, targets: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, "-n", *targets, "--quiet", "rules", *args], cwd=workdir, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -51,7 +62,7 @@ def overlay(workdir: Path, text: str) -> str:
     ("datasets: {tiny: {cluster: {jobs: {distill: {gpus_per_node: 3}}}}}", "cluster.jobs.distill"),
     ("datasets: {tiny: {cluster: {jobs: {encode: {gpus_per_node: 2}}}}}", "cluster.jobs.encode"),
     ("datasets: {tiny: {metrics: [fid, precision]}}", "tiny.pr_reference"),
-    ("datasets: {tiny: {methods: {sid2a: {alphas: [1.0], init: released}}}}", "tiny.released.sid"),
+    ("datasets: {tiny: {methods: {sid2a: {init: {from: released, alpha: 1.2}}}}}", "tiny.released.sid"),
     ("datasets: {tiny: {released: {sid: {'1.0': sid/no-such-generator}}}}", "sid/no-such-generator"),
     ("evaluation: {released: maybe}", "released"),
     ("datasets: {tiny: {distill: {batch: -64}}}", "batch"),
@@ -67,6 +78,91 @@ def test_bad_config_fails_before_any_job_naming_the_key(workdir, text, key):
     message = r.stdout + r.stderr
     assert key in message, message[-2000:]
     assert "Job stats" not in message
+
+
+@pytest.mark.parametrize("text, key", [
+    ("datasets: {tiny: {distill: {lr: .nan}}}", "datasets.tiny.distill.lr"),
+    ("datasets: {tiny: {distill: {P_mean: -.inf}}}", "datasets.tiny.distill.P_mean"),
+    ("datasets: {tiny: {methods: {sid: {by_alpha: {'1.2': {duration_kimg: .inf}}}}}}",
+     "datasets.tiny.methods.sid.by_alpha.1.2.duration_kimg"),
+    ("datasets: {tiny: {methods: {sid: {by_alpha: {'1.20': {lr: 1.0e-4}}}}}}", "datasets.tiny.methods.sid.by_alpha"),
+    ("datasets: {tiny: {methods: {sid: {by_alpha: {'1.5': {lr: 1.0e-4}}}}}}", "alpha 1.5 is not run"),
+    ("datasets: {tiny: {distill: {stage_kimg: [4, 2]}}}", "distill.stage_kimg"),
+    ("datasets: {tiny: {distill: {bf16: true}}}", "distill.bf16"),
+    ("datasets: {tiny: {distill: {augment: 0.12}}}", "network.augment_dim"),
+    ("datasets: {edm2-xs: {distill: {augment: 0.12}}}", "EDM2 networks take no augmentation labels"),
+    ("datasets: {tiny: {distill: {return_logvar: true}}}", "distill.return_logvar"),
+    ("datasets: {tiny: {methods: {sid2a: {init: {from: sid, alpha: 1.5}}}}}", "datasets.tiny.methods.sid2a.init"),
+    ("datasets: {tiny: {evaluation: {num_images: 100000000, batch: 1}}}", "datasets.tiny.evaluation"),
+    ("datasets: {imagenet64-cond: {data: {path: /no/such/imagenet}}}", "datasets.imagenet64-cond.data.path"),
+])
+def test_values_no_job_could_run_fail_the_plan_naming_the_key(workdir, text, key):
+    """Each is refused by `snakemake -n` before any job, by the checks the jobs themselves make."""
+    target = "results/tables/imagenet64.csv" if "imagenet64" in text else "results/tables/tiny.csv"
+    r = snakemake(workdir, "--configfile", overlay(workdir, text), targets=(target,))
+    assert r.returncode != 0
+    message = r.stdout + r.stderr
+    assert key in message, message[-2000:]
+    assert "Job stats" not in message
+
+
+def test_a_ready_made_zip_of_another_shape_fails_the_plan(workdir):
+    from sidcore.dataset import write_image_zip
+    write_image_zip(workdir / "cifar.zip", np.zeros((2, 3, 32, 32), np.uint8), np.array([0, 9]))
+    r = snakemake(workdir, "--configfile", overlay(workdir, f"datasets: {{tiny: {{data: {{source: edm-zip, path: "
+                                                            f"{workdir / 'cifar.zip'}}}}}}}"))
+    message = r.stdout + r.stderr
+    assert r.returncode != 0 and "datasets.tiny: config says channels/resolution/label_dim = (1, 8, 10), the data has" \
+        " (3, 32, 10)" in message, message[-2000:]
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda c: c.replace("  batch: 256\n", "  batch: 256\n  batch: 512\n", 1), "duplicate key 'batch'"),
+    (lambda c: c.replace("tables: [tiny]", "tables: [tiny"), "config.yaml, line"),
+])
+def test_malformed_config_yaml_is_reported_with_its_place(workdir, edit, where):
+    config = workdir / "config.yaml"
+    config.write_text(edit(config.read_text()))
+    r = snakemake(workdir)
+    message = r.stdout + r.stderr
+    assert r.returncode != 0 and where in message and "column" in message, message[-2000:]
+
+
+def test_duplicate_key_in_an_overlay_is_refused(workdir):
+    r = snakemake(workdir, "--configfile", overlay(workdir, "evaluation: {runs: 2}\nevaluation: {runs: 3}\n"))
+    message = r.stdout + r.stderr
+    assert r.returncode != 0 and "overlay.yaml, line 2, column 1: duplicate key 'evaluation'" in message, message
+
+
+@pytest.mark.parametrize("target, known", [
+    ("results/tables/edm3.csv", "table 'edm3' is not in config.yaml (known: afhq64-v2, cifar10-cond"),
+    ("results/plots/cifar100.png", "dataset 'cifar100' is not in config.yaml (known: afhq64-v2"),
+    ("results/tiny/sid/alpha1.5/eval/summary.json", "'sid/alpha1.5' is not in config.yaml (known:"),
+    ("results/tiny/sida/alpha1.2/generator.pt", "'sida/alpha1.2' is not in config.yaml (known:"),
+    ("results/cifar10-uncond/teacher/eval/summary.json", "'teacher' is not in config.yaml (known:"),
+])
+def test_a_target_config_yaml_does_not_define_fails_listing_the_known_ones(workdir, target, known):
+    r = snakemake(workdir, targets=(target,))
+    message = r.stdout + r.stderr
+    assert r.returncode != 0 and known in message, message[-2000:]
+    assert not (workdir / target).exists()
+
+
+def test_every_sid2a_run_starts_from_the_configured_sid_generator(workdir):
+    """As run_sid_sida.sh: CIFAR-10's SiD²A α = 1.0 and 1.2 both start from SiD α = 1.2 (ours, or the released)."""
+    def sid2a_inits(*args: str) -> dict[str, str]:
+        r = subprocess.run([*SNAKEMAKE, "-n", "results/tables/cifar10-uncond.csv", *args], cwd=workdir,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        jobs = re.findall(r"rule distill_sid2a:\n    input: .*, (\S+)\n    output: \S+/sid2a/alpha([0-9.]+)/generator",
+                          r.stdout + r.stderr)
+        return {alpha: init for init, alpha in jobs}
+
+    assert sid2a_inits() == {"1.0": "results/cifar10-uncond/sid/alpha1.2/generator.pt",
+                             "1.2": "results/cifar10-uncond/sid/alpha1.2/generator.pt"}
+    released = overlay(workdir, "datasets: {cifar10-uncond: {methods: {sid2a: {init: {from: released, alpha: 1.2}}}}}")
+    assert sid2a_inits("--configfile", released) == {"1.0": "resources/generators/sid/cifar10-uncond-alpha1.2.pt",
+                                                     "1.2": "resources/generators/sid/cifar10-uncond-alpha1.2.pt"}
 
 
 def test_tiny_dag(workdir):
@@ -148,10 +244,12 @@ def test_edm2_prefetch_jobs_run_on_the_login_node(workdir):
     assert not local_rules & {"prepare_data", "convert_teacher", "convert_generator"}  # CPU jobs, sent to SLURM
 
 
-STUB = """#!/usr/bin/env python3
-# Stands in for sidcore: creates the files a command was asked to write.
+STUB = f"#!{sys.executable}\n" + """\
+# Stands in for sidcore: creates the files a command was asked to write (a real zip for prepared data).
 import sys
 from pathlib import Path
+import numpy as np
+from sidcore.dataset import write_image_zip
 args = sys.argv[1:]
 if args[0] == "launch":  # a GPU stage: the command after `--`
     args = args[args.index("--") + 1:]
@@ -163,8 +261,11 @@ for i, a in enumerate(args):
 extra = {".csv": ".md", ".png": ".pdf"}
 for out in outs:
     p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.suffix == ".zip":
+        write_image_zip(p, np.zeros((10, 1, 8, 8), np.uint8), np.arange(10))
+        continue
     for q in (p, p.with_suffix(extra.get(p.suffix, p.suffix))):
-        q.parent.mkdir(parents=True, exist_ok=True)
         q.write_text("stub")
 """
 
@@ -175,7 +276,7 @@ def copy_repository(dest: Path) -> Path:
         shutil.copy(ROOT / name, dest / name)
     for name in ("workflow", "profiles", "slurm"):
         shutil.copytree(ROOT / name, dest / name)
-    return dest
+    return with_local_data(dest)
 
 
 def test_slurm_profile_plans_the_edm2_table_with_gpu_resources(tmp_path):

@@ -9,7 +9,8 @@ import torch
 from torch.nn.functional import silu
 
 from sidcore.networks.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
-from sidcore.networks.songunet import check_return_flag, discriminator_logits, drop_labels, run_decoder, run_encoder
+from sidcore.networks.songunet import (augment_embedding, check_return_flag, discriminator_logits, drop_labels,
+                                      run_decoder, run_encoder)
 
 
 class DhariwalUNet(torch.nn.Module):
@@ -68,8 +69,8 @@ class DhariwalUNet(torch.nn.Module):
     def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
               augment_labels: torch.Tensor | None) -> torch.Tensor:
         emb = self.map_noise(noise_labels)  # [cos, sin], no swap (unlike SongUNet)
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
+        if self.map_augment is not None:
+            emb = emb + augment_embedding(self.map_augment, augment_labels, emb)
         emb = self.map_layer1(silu(self.map_layer0(emb)))
         if self.map_label is not None:
             labels = drop_labels(class_labels, self.label_dropout, len(noise_labels)) if self.training else class_labels

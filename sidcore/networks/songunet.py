@@ -28,6 +28,14 @@ def discriminator_logits(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=1, keepdim=True)
 
 
+def augment_embedding(map_augment: Linear, augment_labels: torch.Tensor | None, emb: torch.Tensor) -> torch.Tensor:
+    """map_augment(augment labels). No labels means no augmentation: zeros, which add exactly nothing but let
+    the weights take part in every pass (DDP requires it, as the official code passing zeros does)."""
+    if augment_labels is None:
+        augment_labels = emb.new_zeros(emb.shape[0], map_augment.in_features)
+    return map_augment(augment_labels)
+
+
 def drop_labels(class_labels: torch.Tensor, p: float, batch_size: int) -> torch.Tensor:
     """Zero each sample's class labels with probability ``p`` (training for classifier-free guidance)."""
     if not p:
@@ -121,8 +129,8 @@ class SongUNet(torch.nn.Module):
         if self.map_label is not None:
             labels = drop_labels(class_labels, self.label_dropout, len(noise_labels)) if self.training else class_labels
             emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
+        if self.map_augment is not None:
+            emb = emb + augment_embedding(self.map_augment, augment_labels, emb)
         return silu(self.map_layer1(silu(self.map_layer0(emb))))
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,

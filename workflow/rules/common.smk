@@ -14,10 +14,14 @@
 # GPU stages (distill, evaluate, VAE encoding) are local rules that call `sidcore launch`, which runs the
 # stage as local processes or as one SLURM job (config.yaml `launcher`) and waits for it; the other rules
 # are CPU jobs, sent to SLURM by Snakemake's executor under the slurm profile.
+import functools
+import os
+
 from sidcore.registry import artifacts
 from sidcore.report.tabulate import SUMMARY_TABLE as TABLE_SOURCES  # tables made from another table's runs
-from sidcore.settings import (METHODS, batch_arithmetic, cluster_job, dumps, for_stage, generator_settings,
-                              network_settings, resolve)
+from sidcore import preflight
+from sidcore.settings import (METHODS, alpha_key, cluster_job, dumps, for_stage, generator_settings, network_settings,
+                              resolve)
 
 DATASETS = config["datasets"]
 ARTIFACT_GROUPS = sorted({key.split("/", 1)[0] for key in artifacts()})
@@ -33,12 +37,12 @@ wildcard_constraints:
 
 
 def check_config() -> None:
-    """Checks the schema cannot express; each error names the config key."""
-    tables = {d["table"] for d in DATASETS.values()}
-    tables |= {alias for alias, source in TABLE_SOURCES.items() if source in tables}
+    """Checks the schema cannot express, and every check a distillation or evaluation job would make of its
+    settings (sidcore.preflight, the code the jobs run). Each error names the config key."""
+    preflight.check_config(config)
     for t in config["tables"]:
-        if t not in tables:
-            raise ValueError(f"tables: {t!r} is the table of no dataset (known: {sorted(tables)})")
+        if t not in known_tables():
+            raise ValueError(f"tables: {t!r} is the table of no dataset (known: {sorted(known_tables())})")
     for name, d in DATASETS.items():
         first = dataset_of_data(data_name(name))
         if DATASETS[first]["data"] != d["data"]:
@@ -51,25 +55,38 @@ def check_config() -> None:
         for key in artifact_keys(name):
             if key not in artifacts():
                 raise ValueError(f"datasets.{name}: unknown artifact key {key!r} (see sidcore/data/artifacts.yaml)")
+        preflight.check_evaluation(resolve(config, name))
         job = cluster_job(config, name, "distill")
-        world = job["nodes"] * job["gpus_per_node"]
-        for method, spec in d["methods"].items():
-            for alpha in spec["alphas"]:
-                dist = resolve(config, name, method, alpha)["distill"]
-                try:
-                    batch_arithmetic(dist["batch"], dist["batch_gpu"], world)
-                except ValueError as e:
-                    raise ValueError(f"datasets.{name}.methods.{method} (alpha {alpha}) with {world} processes "
-                                     f"(cluster.jobs.distill nodes × gpus_per_node): {e}") from None
-            if spec.get("init") == "released":
-                missing = [a for a in spec["alphas"] if alpha_str(a) not in released_keys(name, "sid")]
-                if missing:
-                    raise ValueError(f"datasets.{name}.released.sid: no generator for alphas {missing} "
-                                     f"(methods.{method}.init is released)")
+        for method, alpha in runs(name):
+            preflight.check_distill(resolve(config, name, method, alpha), job["nodes"] * job["gpus_per_node"])
         job = cluster_job(config, name, "encode")
         if job["nodes"] * job["gpus_per_node"] != 1:
             raise ValueError(f"datasets.{name}.cluster.jobs.encode: this stage runs as one process; "
                              "set nodes and gpus_per_node to 1")
+
+
+def known_tables() -> set[str]:
+    tables = {d["table"] for d in DATASETS.values()}
+    return tables | {alias for alias, source in TABLE_SOURCES.items() if source in tables}
+
+
+def check_target(w) -> None:
+    """A target's table, dataset, method and alpha must be config.yaml's: Snakemake would otherwise make an
+    empty table or a run nobody configured. Called by the input functions of the rules with these wildcards."""
+    def refuse(what, value, known):
+        raise ValueError(f"{what} {value!r} is not in config.yaml (known: {', '.join(sorted(known)) or 'none'})")
+
+    if "table" in w.keys() and w.table not in known_tables():
+        refuse("table", w.table, known_tables())
+    if "dataset" in w.keys() and w.dataset not in DATASETS:
+        refuse("dataset", w.dataset, DATASETS)
+    model = w.get("model") or (f"{w.method}/alpha{w.alpha}" if "method" in w.keys() else None)
+    if model is not None:
+        known = ([f"{m}/alpha{a}" for m, a in runs(w.dataset)] + [f"released/{m}/alpha{a}" for m in
+                 DATASETS[w.dataset].get("released", {}) for a in released_keys(w.dataset, m)] +
+                 (["teacher"] if "teacher_eval" in DATASETS[w.dataset] else []))
+        if model not in known:
+            refuse(f"run of datasets.{w.dataset}", model, known)
 
 
 def job_dataset(w) -> str:
@@ -140,10 +157,6 @@ def cpu_resources():
     return out
 
 
-def alpha_str(alpha) -> str:
-    return str(float(alpha))
-
-
 def settings(dataset, method=None, alpha=None, stage=None) -> str:
     """The job's resolved settings as JSON (a param, so Snakemake reruns a job whose settings change);
     with ``stage``, only the part that stage reads."""
@@ -159,12 +172,12 @@ def network_json(key, generator=False) -> str:
 
 def runs(dataset):
     """(method, alpha) of every distillation run configured for ``dataset``."""
-    return [(m, alpha_str(a)) for m, spec in DATASETS[dataset]["methods"].items() for a in spec["alphas"]]
+    return [(m, alpha_key(a)) for m, spec in DATASETS[dataset]["methods"].items() for a in spec["alphas"]]
 
 
 def released_keys(dataset, method) -> dict:
     """{alpha: registry key} of the released generators of ``dataset`` by ``method``."""
-    return {alpha_str(a): key for a, key in DATASETS[dataset].get("released", {}).get(method, {}).items()}
+    return {alpha_key(a): key for a, key in DATASETS[dataset].get("released", {}).get(method, {}).items()}
 
 
 def released_runs(dataset):
@@ -234,9 +247,26 @@ def data_file(w):
     return f"resources/data/{data_name(w.dataset)}.zip"
 
 
+@functools.cache
+def data_shape(path: str, mtime: float, use_labels: bool) -> tuple[int, int, int]:
+    """(channels, resolution, classes) of a data zip (its listing and first item only)."""
+    from sidcore.dataset import read_image_zip
+
+    ds = read_image_zip(path, use_labels=use_labels)
+    return ds.channels, ds.resolution, ds.label_dim
+
+
 def prepare_inputs(w):
-    """Files a data preparation job reads: the downloaded archive or the VAE that encodes latents."""
+    """Files a data preparation job reads: the downloaded archive or the VAE that encodes latents. A local
+    source must exist while the data is still to be made, and a ready-made EDM zip must have the shape
+    config.yaml gives the networks (data made here from config.yaml has it)."""
     d = DATASETS[dataset_of_data(w.data)]
+    s = resolve(config, dataset_of_data(w.data))
+    if not os.path.exists(f"resources/data/{w.data}.zip"):
+        preflight.check_data_source(s)
+    if d["data"]["source"] == "edm-zip" and os.path.isfile(d["data"]["path"]):
+        path = d["data"]["path"]
+        preflight.check_data_shape(s, *data_shape(path, os.path.getmtime(path), s["label_dim"] > 0))
     if d["data"]["source"] == "cifar10-archive":
         return {"archive": artifact_file(d["data"]["artifact"])}
     if d["data"]["source"] == "vae-latents":
@@ -279,14 +309,18 @@ def detector_file(w):
 
 
 def init_file(w):
-    """SiD²A's starting generator: our SiD run of the same alpha, or a released SiD generator."""
-    if DATASETS[w.dataset]["methods"]["sid2a"]["init"] == "sid":
-        return f"{run_dir(w.dataset, 'sid', w.alpha)}/generator.pt"
-    return f"resources/generators/{released_keys(w.dataset, 'sid')[w.alpha]}.pt"
+    """SiD²A's starting generator (methods.sid2a.init), the same for every alpha: our SiD run of
+    init.alpha, or the released SiD generator of that alpha."""
+    init = DATASETS[w.dataset]["methods"]["sid2a"]["init"]
+    alpha = alpha_key(init["alpha"])
+    if init["from"] == "sid":
+        return f"{run_dir(w.dataset, 'sid', alpha)}/generator.pt"
+    return f"resources/generators/{released_keys(w.dataset, 'sid')[alpha]}.pt"
 
 
 def model_inputs(w):
-    """Inputs of distillation jobs (in-training FID): data, reference statistics, detector, the VAE where used."""
+    """Inputs of distillation and evaluation jobs: data, reference statistics, detector, the VAE where used."""
+    check_target(w)
     d = DATASETS[w.dataset]
     return {"data": data_file(w), "refs": refs_file(w), "detector": detector_file(w), "vae": vae_files(d)}
 

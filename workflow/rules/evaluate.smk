@@ -70,9 +70,14 @@ rule evaluate_teacher:
         " > {log} 2>&1"
 
 
+def run_records(w):
+    check_target(w)
+    return [f"results/{w.dataset}/{w.model}/eval/{r}" for r in RUNS]
+
+
 rule summarize:
     input:
-        [f"results/{{dataset}}/{{model}}/eval/{r}" for r in RUNS],
+        run_records,
     output:
         "results/{dataset}/{model}/eval/summary.json",
     wildcard_constraints:

@@ -5,6 +5,7 @@ report: "../report/workflow.rst"
 
 
 def summaries_of_table(w):
+    check_target(w)
     out = []
     for dataset in datasets_of_tables([w.table]):
         if "teacher_eval" in DATASETS[dataset]:
@@ -15,6 +16,7 @@ def summaries_of_table(w):
 
 
 def plot_inputs(w):
+    check_target(w)
     inputs = {"logs": [f"{run_dir(w.dataset, m, a)}/log.jsonl" for m, a in runs(w.dataset)]}
     if "teacher_eval" in DATASETS[w.dataset]:
         inputs["teacher"] = f"results/{w.dataset}/teacher/eval/summary.json"

@@ -1,0 +1,144 @@
+"""What a job would refuse, refused before any job starts.
+
+The workflow runs ``check_config`` on config.yaml when Snakemake loads it, and the checks of one run's
+resolved settings (``check_distill``, ``check_evaluation``, ``check_data_source``, ``check_data_shape``)
+both there, for every configured run, and in the commands themselves, so the two cannot drift. Every error
+names the config key. Nothing here imports torch: Snakemake runs it on the login node at every call.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from sidcore.settings import AUGMENT_DIM, alpha_key, batch_arithmetic, num_blocks
+
+LOCAL_SOURCES = ("image-folder", "vae-latents", "edm-zip")  # data sources read from data.path
+
+
+def where(settings: dict) -> str:
+    """The config key of a run: ``datasets.<name>.methods.<method> (alpha a)``, or of its dataset."""
+    key = f"datasets.{settings['dataset']}"
+    if "method" in settings:
+        key += f".methods.{settings['method']} (alpha {settings['alpha']})"
+    return key
+
+
+def non_finite(value: Any, key: str = "") -> Iterator[str]:
+    """Key paths of the NaN / ±inf numbers in a nested config."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield key
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from non_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from non_finite(v, f"{key}[{i}]")
+
+
+def check_config(config: dict) -> None:
+    """Values of config.yaml that the schema cannot refuse: non-finite numbers, by_alpha keys, SiD²A's start."""
+    bad = sorted(set(non_finite({k: v for k, v in config.items() if not k.startswith("_")})))
+    if bad:
+        raise ValueError(f"{bad[0]}: NaN or infinity is not a usable value" +
+                         (f" (also: {', '.join(bad[1:])})" if len(bad) > 1 else ""))
+    for name, d in config["datasets"].items():
+        for method, spec in d["methods"].items():
+            key = f"datasets.{name}.methods.{method}"
+            alphas = [alpha_key(a) for a in spec["alphas"]]
+            if len(set(alphas)) != len(alphas):
+                raise ValueError(f"{key}.alphas: {spec['alphas']} names an alpha twice")
+            for k in spec.get("by_alpha", {}):
+                if alpha_key(k) != k:
+                    raise ValueError(f"{key}.by_alpha: key {k!r} is not written as the alpha is ({alpha_key(k)!r}); "
+                                     "it would never apply")
+                if k not in alphas:
+                    raise ValueError(f"{key}.by_alpha: alpha {k} is not run (alphas: {', '.join(alphas)})")
+        if "sid2a" in d["methods"]:
+            check_init(config, name)
+
+
+def check_init(config: dict, dataset: str) -> None:
+    """SiD²A's starting generator must be made by this config: a SiD run of the dataset, or a released file."""
+    d = config["datasets"][dataset]
+    init = d["methods"]["sid2a"]["init"]
+    key = f"datasets.{dataset}.methods.sid2a.init"
+    alpha = alpha_key(init["alpha"])
+    if init["from"] == "sid":
+        alphas = [alpha_key(a) for a in d["methods"].get("sid", {}).get("alphas", [])]
+        if alpha not in alphas:
+            raise ValueError(f"{key}: starts from SiD alpha {alpha}, which datasets.{dataset}.methods.sid does not "
+                             f"run (alphas: {', '.join(alphas) or 'none'})")
+    else:
+        released = {alpha_key(a) for a in d.get("released", {}).get("sid", {})}
+        if alpha not in released:
+            raise ValueError(f"{key}: starts from the released SiD generator of alpha {alpha}, which "
+                             f"datasets.{dataset}.released.sid does not list (it has: "
+                             f"{', '.join(sorted(released)) or 'none'})")
+
+
+def check_distill(settings: dict, world_size: int) -> tuple[int, int]:
+    """Settings ``sidcore distill`` cannot run with ``world_size`` processes; returns (per-process batch,
+    accumulation rounds)."""
+    d, net, key = settings["distill"], settings["network"], where(settings)
+    arch = net["arch"]
+    g_start, gan_start = d["stage_kimg"]
+    if gan_start < g_start:
+        raise ValueError(f"{key}: distill.stage_kimg={d['stage_kimg']} must not decrease (generator start, then "
+                         "adversarial start)")
+    if d.get("bf16") and not d["fp16"]:
+        raise ValueError(f"{key}: distill.bf16 needs distill.fp16: true (bf16 only picks the half type)")
+    if d["augment"] > 0:
+        if arch == "edm2":
+            raise ValueError(f"{key}: distill.augment={d['augment']}: EDM2 networks take no augmentation labels; "
+                             "set it to 0")
+        if net.get("augment_dim", 0) != AUGMENT_DIM:
+            raise ValueError(f"{key}: distill.augment={d['augment']} needs network.augment_dim: {AUGMENT_DIM} "
+                             "(the augmentation labels the networks are conditioned on)")
+    if d.get("return_logvar") and arch != "edm2":
+        raise ValueError(f"{key}: distill.return_logvar needs an EDM2 teacher (network.arch is {arch})")
+    if settings["adversarial"] and arch == "ncsnpp":
+        raise ValueError(f"{key}: {settings['method']} needs the fake score's encoder output, which NCSN++ "
+                         "(network.arch ncsnpp) does not provide")
+    try:
+        return batch_arithmetic(d["batch"], d["batch_gpu"], world_size)
+    except ValueError as e:
+        raise ValueError(f"{key} with {world_size} processes (cluster.jobs.distill: nodes × gpus_per_node): "
+                         f"{e}") from None
+
+
+def check_evaluation(settings: dict, num_images: int | None = None) -> None:
+    """Evaluation settings no run can use: too many generation blocks per run (in-training or final)."""
+    batch = settings["evaluation"]["batch"]
+    counts = [settings["evaluation"]["num_images"]] if num_images is None else [num_images]
+    if num_images is None and "distill" in settings and "eval_images" in settings["distill"]:
+        counts.append(settings["distill"]["eval_images"])
+    for n in counts:
+        try:
+            num_blocks(n, batch)
+        except ValueError as e:
+            raise ValueError(f"datasets.{settings['dataset']}.{e}") from None
+
+
+def check_data_source(settings: dict) -> None:
+    """A data source read from a local path needs that path to exist (``prepare-data`` reads it)."""
+    data, key = settings["data"], f"datasets.{settings['dataset']}.data"
+    if data["source"] not in LOCAL_SOURCES:
+        return
+    if "path" not in data:
+        raise ValueError(f"{key}.path: required for source {data['source']}")
+    path = data["path"]
+    want_file = data["source"] == "edm-zip"
+    if not (os.path.isfile(path) if want_file else os.path.isdir(path)):
+        kind = "EDM zip" if want_file else "image folder"
+        raise ValueError(f"{key}.path: {path} is not an existing {kind} (source {data['source']}); download the "
+                         "data and point this key at it")
+
+
+def check_data_shape(settings: dict, channels: int, resolution: int, label_dim: int) -> None:
+    """The prepared data must have the channels, resolution and classes config.yaml gives the networks."""
+    want = (settings["channels"], settings["resolution"], settings["label_dim"])
+    if (channels, resolution, label_dim) != want:
+        raise ValueError(f"datasets.{settings['dataset']}: config says channels/resolution/label_dim = {want}, "
+                         f"the data has {(channels, resolution, label_dim)}")
