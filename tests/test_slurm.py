@@ -6,9 +6,11 @@ Where SLURM cannot be installed (not root, no Debian packages) these tests skip,
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -198,18 +200,19 @@ def workdir(slurm, tmp_path_factory):
     return work, r.stdout + r.stderr
 
 
-INTERRUPTED_KIMG = 4.8  # long enough for a time limit to strike: 75 iterations, 37 ticks (FID every 10)
+TICK_KIMG = 0.128
+INTERRUPTED_S = 75  # compute the interrupted run needs at this machine's speed; a time-limited attempt lasts ≤ 30 s
 
 
-def distill_command(work: Path, outdir: Path) -> list[str]:
-    """The distill command of tiny's SiD α=1.0 as the workflow runs it (from its dry-run), made longer."""
+def distill_command(work: Path, outdir: Path, kimg: float) -> list[str]:
+    """The distill command of tiny's SiD α=1.0 as the workflow runs it (from its dry-run), ``kimg`` long."""
     r = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--configfile", "short.yaml", "--force", GENERATOR],
                        cwd=work, capture_output=True, text=True, check=True)
     line = next(x for x in r.stdout.splitlines() if "sidcore launch" in x)
     argv = shlex.split(line.split(" -- ", 1)[1].split(" > ", 1)[0])
     argv[argv.index("--outdir") + 1] = str(outdir)
     settings = json.loads(argv[argv.index("--settings") + 1])
-    settings["distill"].update(duration_kimg=INTERRUPTED_KIMG, snap_ticks=10, dump_ticks=10)
+    settings["distill"].update(duration_kimg=kimg, snap_ticks=10, dump_ticks=10)
     argv[argv.index("--settings") + 1] = json.dumps(settings)
     return argv
 
@@ -262,22 +265,36 @@ def assert_same_weights(a: dict, b: dict) -> None:
             assert torch.equal(a[net][k], b[net][k]), f"{net}.{k}"
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(slurm, workdir, tmp_path_factory):
-    """The same distillation, uninterrupted, through the launcher's local executor (2 CPU processes)."""
-    work, _ = workdir
-    out = tmp_path_factory.mktemp("uninterrupted")
-    p = launch(slurm, out / "logs", distill_command(work, out / "run"), "--executor", "local", "--gpus-per-node", "2",
-               cwd=work)
+def distill_locally(slurm, work: Path, out: Path, kimg: float) -> str:
+    """The distillation through the launcher's local executor (2 CPU processes); returns its log."""
+    p = launch(slurm, out / "logs", distill_command(work, out / "run", kimg), "--executor", "local",
+               "--gpus-per-node", "2", cwd=work)
     log, _ = p.communicate(timeout=900)
     assert p.returncode == 0, log[-3000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def interrupted_kimg(slurm, workdir, tmp_path_factory) -> float:
+    """A length this machine needs about INTERRUPTED_S seconds of compute for, from the speed of a short run (the
+    speed here varies tenfold with the load): at least 2 time-limited attempts, and not too many."""
+    log = distill_locally(slurm, workdir[0], tmp_path_factory.mktemp("speed"), 10 * TICK_KIMG)
+    sec_per_kimg = statistics.median(float(v) for v in re.findall(r"sec/kimg ([0-9.]+)", log)[1:])
+    return TICK_KIMG * min(max(round(INTERRUPTED_S / sec_per_kimg / TICK_KIMG), 38), 200)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, workdir, interrupted_kimg, tmp_path_factory):
+    """The same distillation, uninterrupted, through the launcher's local executor (2 CPU processes)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    distill_locally(slurm, workdir[0], out, interrupted_kimg)
     return final_weights(out / "run")
 
 
-def distill_on_slurm(slurm, work: Path, tmp_path: Path, *flags: str, meanwhile=None) -> str:
+def distill_on_slurm(slurm, work: Path, tmp_path: Path, kimg: float, *flags: str, meanwhile=None) -> str:
     """Run the longer distillation as a SLURM job of 2 tasks to its end; returns the launcher's log."""
     with requeued_jobs_start_at_once(slurm):
-        p = launch(slurm, tmp_path / "logs", distill_command(work, tmp_path / "run"), "--executor", "slurm",
+        p = launch(slurm, tmp_path / "logs", distill_command(work, tmp_path / "run", kimg), "--executor", "slurm",
                    "--gpus-per-node", "2", *flags, cwd=work)
         if meanwhile is not None:
             meanwhile()
@@ -287,13 +304,15 @@ def distill_on_slurm(slurm, work: Path, tmp_path: Path, *flags: str, meanwhile=N
 
 
 @pytest.mark.slow
-def test_scontrol_requeue_mid_run_resumes_to_the_same_weights(slurm, workdir, uninterrupted, tmp_path):
+def test_scontrol_requeue_mid_run_resumes_to_the_same_weights(slurm, workdir, interrupted_kimg, uninterrupted,
+                                                              tmp_path):
     def requeue_once_a_state_is_saved():
         wait_for("the first training state", lambda: (tmp_path / "run/training-state.pt").exists(), timeout=300)
         (job,) = job_ids(tmp_path / "logs")
         slurm.scontrol("requeue", job)
 
-    log = distill_on_slurm(slurm, workdir[0], tmp_path, "--time-min", "10", meanwhile=requeue_once_a_state_is_saved)
+    log = distill_on_slurm(slurm, workdir[0], tmp_path, interrupted_kimg, "--time-min", "10",
+                           meanwhile=requeue_once_a_state_is_saved)
     assert "SIGTERM received" in log and "exiting for requeue" in log
     assert log.count("distilling tiny sid") == 2  # started, then resumed once
     assert "from 0.0 to" in log and "from 0.0 to" not in log.split("exiting for requeue", 1)[1]
@@ -301,11 +320,12 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_weights(slurm, workdir, un
 
 
 @pytest.mark.slow
-def test_time_limit_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, workdir, uninterrupted, tmp_path):
-    # 2 minutes with SIGUSR2 90 s before the end: every attempt is stopped within its first 30 s, so the run
-    # takes several attempts (how many depends on the machine's speed; the requeues allowed are not the limit)
-    log = distill_on_slurm(slurm, workdir[0], tmp_path, "--time-min", "2", "--signal-delay-s", "90",
-                           "--max-requeues", "30")
+def test_time_limit_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, workdir, interrupted_kimg,
+                                                                        uninterrupted, tmp_path):
+    # 2 minutes with SIGUSR2 90 s before the end: every attempt is stopped within its first 30 s, so the run of
+    # about INTERRUPTED_S seconds takes several attempts (the requeues allowed are not the limit)
+    log = distill_on_slurm(slurm, workdir[0], tmp_path, interrupted_kimg, "--time-min", "2", "--signal-delay-s",
+                           "90", "--max-requeues", "30")
     assert "SIGUSR2 received" in log and "Requeued job" in log
     (job,) = job_ids(tmp_path / "logs")  # one SLURM job, requeued in place
     assert slurm.job_state(job) == "COMPLETED"
