@@ -89,6 +89,15 @@ def check_target(w) -> None:
             refuse(f"run of datasets.{w.dataset}", model, known)
 
 
+RUNS = expand("run{run}.json", run=range(config["evaluation"]["runs"]))  # the records of one evaluation
+
+
+def run_records(w):
+    """The evaluation records a summary of ``{dataset}/{model}`` reads."""
+    check_target(w)
+    return [f"results/{w.dataset}/{w.model}/eval/{r}" for r in RUNS]
+
+
 def job_dataset(w) -> str:
     """The dataset a job belongs to (an encoding job is named by its data)."""
     return w.dataset if "dataset" in w.keys() else dataset_of_data(w.data)

@@ -1,8 +1,6 @@
 # The papers' protocol: `evaluation.runs` independent runs per model (one file each), then mean ± std.
 # One job evaluates all runs of a model, so the detector and reference statistics are loaded once.
 
-RUNS = expand("run{run}.json", run=range(config["evaluation"]["runs"]))
-
 
 rule evaluate_generator:
     input:
@@ -68,11 +66,6 @@ rule evaluate_teacher:
         " evaluate --settings {params.settings:q} --kind teacher --model {input.model} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.extra}"
         " > {log} 2>&1"
-
-
-def run_records(w):
-    check_target(w)
-    return [f"results/{w.dataset}/{w.model}/eval/{r}" for r in RUNS]
 
 
 rule summarize:
