@@ -22,6 +22,7 @@ Unlike EDM, no global generator is used: every number comes from ``Noise`` under
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -147,12 +148,11 @@ def _margins(g_inv: torch.Tensor, height: int, width: int) -> list[int]:
     """Reflect padding [left, top, right, bottom]: the farthest any sample's image corner is read outside
     the image, plus twice the filtering border, clipped to [0, size − 1] and rounded up."""
     cx, cy = (width - 1) / 2, (height - 1) / 2
-    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]], dtype=torch.float32,
-                           device=g_inv.device)
+    corners = _constant(((-cx, cx, cx, -cx), (-cy, -cy, cy, cy), (1, 1, 1, 1)), g_inv.device)
     reach = (g_inv @ corners)[:, :2, :].transpose(0, 1).flatten(1)  # [xy, batch · corner]
     margin = torch.cat([-reach, reach]).amax(dim=1)  # left, top, right, bottom, relative to the centre
-    margin = margin + torch.tensor([2 * BORDER - cx, 2 * BORDER - cy] * 2, dtype=torch.float32, device=g_inv.device)
-    limit = torch.tensor([width - 1, height - 1] * 2, dtype=margin.dtype, device=g_inv.device)
+    margin = margin + _constant((2 * BORDER - cx, 2 * BORDER - cy) * 2, g_inv.device)
+    limit = _constant((width - 1, height - 1) * 2, g_inv.device)
     margin = margin.clamp(min=torch.zeros_like(limit), max=limit)
     return margin.ceil().to(torch.int64).tolist()
 
@@ -200,12 +200,19 @@ def _correlate(images: torch.Tensor, kernel: torch.Tensor, axis: int, padding: i
 
 def _filter(images: torch.Tensor) -> torch.Tensor:
     """The filter as one depthwise kernel per channel, [C, 1, 12]."""
-    return torch.tensor(SYM6, dtype=images.dtype, device=images.device).repeat(images.shape[1], 1, 1)
+    return _constant(SYM6, images.device, images.dtype).repeat(images.shape[1], 1, 1)
 
 
 def _affine(sx: float, sy: float, tx: float, ty: float, device: torch.device) -> torch.Tensor:
     """The constant [[sx, 0, tx], [0, sy, ty], [0, 0, 1]] (float32)."""
-    return torch.tensor([[sx, 0, tx], [0, sy, ty], [0, 0, 1]], dtype=torch.float32, device=device)
+    return _constant(((sx, 0, tx), (0, sy, ty), (0, 0, 1)), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A constant tensor, made once per device (as EDM's ``misc.constant``): a call of the pipeline in the
+    training step copies nothing from the host and waits for nothing but its padding size."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _matrix(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, e: torch.Tensor,

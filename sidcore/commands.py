@@ -38,8 +38,7 @@ def prepare_data(args: argparse.Namespace) -> int:
         write_image_zip(args.out, images, digits.target)
         _log(f"{len(images)} digits ({images.shape[-1]}x{images.shape[-1]}, 10 classes) -> {args.out}")
     elif source == "edm-zip":
-        ds = read_image_zip(data["path"], use_labels=settings["label_dim"] > 0)
-        check_data_shape(settings, ds.channels, ds.resolution, ds.label_dim)
+        check_data_shape(settings, read_image_zip(data["path"], use_labels=settings["label_dim"] > 0))
         n = link_image_zip(data["path"], args.out)
         _log(f"{data['path']}: {n} items -> {args.out}")
     elif source == "cifar10-archive":

@@ -113,7 +113,7 @@ class Distiller:
         torch.manual_seed(d["seed"] * self.ctx.world_size + self.ctx.rank)  # dropout masks, per rank
 
         self.dataset = read_image_zip(data_path, use_labels=settings["label_dim"] > 0)
-        check_data_shape(settings, self.dataset.channels, self.dataset.resolution, self.dataset.label_dim)
+        check_data_shape(settings, self.dataset)
         self.order = ShuffledOrder(len(self.dataset), d["seed"])
         self.vae = load_vae(settings, vae_path, self.device)
         overrides = dict(dropout=d["dropout"], use_fp16=d["fp16"])

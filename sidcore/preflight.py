@@ -108,15 +108,14 @@ def check_distill(settings: dict, world_size: int) -> tuple[int, int]:
                          f"{e}") from None
 
 
-def check_evaluation(settings: dict, num_images: int | None = None) -> None:
-    """Evaluation settings no run can use: too many generation blocks per run (in-training or final)."""
-    batch = settings["evaluation"]["batch"]
-    counts = [settings["evaluation"]["num_images"]] if num_images is None else [num_images]
-    if num_images is None and "distill" in settings and "eval_images" in settings["distill"]:
+def check_evaluation(settings: dict) -> None:
+    """Evaluation settings no run can use: too many generation blocks per run (final, and in-training)."""
+    counts = [settings["evaluation"]["num_images"]]
+    if "eval_images" in settings.get("distill", {}):  # a distillation's in-training evaluation
         counts.append(settings["distill"]["eval_images"])
     for n in counts:
         try:
-            num_blocks(n, batch)
+            num_blocks(n, settings["evaluation"]["batch"])
         except ValueError as e:
             raise ValueError(f"datasets.{settings['dataset']}.{e}") from None
 
@@ -136,9 +135,11 @@ def check_data_source(settings: dict) -> None:
                          "data and point this key at it")
 
 
-def check_data_shape(settings: dict, channels: int, resolution: int, label_dim: int) -> None:
-    """The prepared data must have the channels, resolution and classes config.yaml gives the networks."""
+def check_data_shape(settings: dict, data: Any) -> None:
+    """The data (an ``ImageDataset``) must have the channels, resolution and classes config.yaml gives the
+    networks."""
     want = (settings["channels"], settings["resolution"], settings["label_dim"])
-    if (channels, resolution, label_dim) != want:
+    have = (data.channels, data.resolution, data.label_dim)
+    if have != want:
         raise ValueError(f"datasets.{settings['dataset']}: config says channels/resolution/label_dim = {want}, "
-                         f"the data has {(channels, resolution, label_dim)}")
+                         f"the data has {have}")

@@ -257,12 +257,11 @@ def data_file(w):
 
 
 @functools.cache
-def data_shape(path: str, mtime: float, use_labels: bool) -> tuple[int, int, int]:
-    """(channels, resolution, classes) of a data zip (its listing and first item only)."""
+def data_zip(path: str, mtime: float, use_labels: bool):
+    """A data zip opened (its listing and first item only), once per version of the file."""
     from sidcore.dataset import read_image_zip
 
-    ds = read_image_zip(path, use_labels=use_labels)
-    return ds.channels, ds.resolution, ds.label_dim
+    return read_image_zip(path, use_labels=use_labels)
 
 
 def prepare_inputs(w):
@@ -275,7 +274,7 @@ def prepare_inputs(w):
         preflight.check_data_source(s)
     if d["data"]["source"] == "edm-zip" and os.path.isfile(d["data"]["path"]):
         path = d["data"]["path"]
-        preflight.check_data_shape(s, *data_shape(path, os.path.getmtime(path), s["label_dim"] > 0))
+        preflight.check_data_shape(s, data_zip(path, os.path.getmtime(path), s["label_dim"] > 0))
     if d["data"]["source"] == "cifar10-archive":
         return {"archive": artifact_file(d["data"]["artifact"])}
     if d["data"]["source"] == "vae-latents":
