@@ -25,4 +25,5 @@ test-fast: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 clean-demo:
-	rm -rf results/tiny results/tables/tiny.* results/plots/tiny.* resources/*/tiny* resources/*/trained logs
+	rm -rf results/tiny results/tables/tiny.* results/plots/tiny.* results/figures/tiny-* resources/*/tiny* \
+		resources/*/trained resources/data/digits.zip logs benchmarks

@@ -28,4 +28,5 @@ rule all:
     input:
         expand("results/tables/{table}.csv", table=config["tables"]),
         [f"results/plots/{d}.png" for d in datasets_of_tables(config["tables"])],
+        [f"results/figures/{d}-{m}-alpha{a}.png" for d in datasets_of_tables(config["tables"]) for m, a in runs(d)],
     default_target: True

@@ -24,6 +24,10 @@ COMMANDS = {
     "ref-stats": "sidcore.metrics",
     "tabulate": "sidcore.report.tabulate",
     "plot": "sidcore.report.plot",
+    "ablation": "sidcore.report.ablation",
+    "cost": "sidcore.report.cost",
+    "figure": "sidcore.report.figure",
+    "claims": "sidcore.report.claims",
     "benchmark": "sidcore.benchmark",
     "launch": "sidcore.launch",
 }

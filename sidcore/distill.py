@@ -67,6 +67,11 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - beta)
 
 
+def device_name(device: torch.device) -> str:
+    """What runs the distillation: the GPU's model, or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA max allocated on a GPU, else the resident set size."""
     if device.type == "cuda":
@@ -304,7 +309,8 @@ class Distiller:
                 rate = (now - start_time) / max((self.cur_nimg - start_nimg) / 1000, 1e-8)
                 record = {"kimg": self.cur_nimg / 1000, "tick": self.cur_tick, "stage": stage,
                           "sec_per_kimg": sec_per_kimg, "eta_sec": rate * (total_nimg - self.cur_nimg) / 1000,
-                          "peak_mem_mb": peak_memory_mb(self.device), **summarize(stats, iterations)}
+                          "peak_mem_mb": peak_memory_mb(self.device), "device": device_name(self.device),
+                          "processes": ctx.world_size, "batch_gpu": self.batch_gpu, **summarize(stats, iterations)}
                 stats, iterations = {}, 0
                 if self.evaluation_due(done):
                     record.update(self.evaluate(evaluate))

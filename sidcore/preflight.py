@@ -20,7 +20,9 @@ LOCAL_SOURCES = ("image-folder", "vae-latents", "edm-zip")  # data sources read 
 def where(settings: dict) -> str:
     """The config key of a run: ``datasets.<name>.methods.<method> (alpha a)``, or of its dataset."""
     key = f"datasets.{settings['dataset']}"
-    if "method" in settings:
+    if settings.get("study") == "ablation":
+        key += f".ablation ({settings['method']}, alpha {settings['alpha']})"
+    elif "method" in settings:
         key += f".methods.{settings['method']} (alpha {settings['alpha']})"
     return key
 
@@ -57,6 +59,16 @@ def check_config(config: dict) -> None:
                     raise ValueError(f"{key}.by_alpha: alpha {k} is not run (alphas: {', '.join(alphas)})")
         if "sid2a" in d["methods"]:
             check_init(config, name)
+        if "ablation" in d:
+            check_ablation(d["ablation"], d["methods"], f"datasets.{name}.ablation")
+
+
+def check_ablation(ablation: dict, methods: dict, key: str) -> None:
+    """An α ablation runs configured methods: their settings apply."""
+    for method in ablation["methods"]:
+        if method not in methods:
+            raise ValueError(f"{key}.methods: {method} is not configured under methods (configured: "
+                             f"{', '.join(methods)})")
 
 
 def check_init(config: dict, dataset: str) -> None:

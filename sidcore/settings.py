@@ -20,14 +20,20 @@ def alpha_key(alpha: float | str) -> str:
     return str(float(alpha))
 
 
-def resolve(config: dict, dataset: str, method: str | None = None, alpha: float | None = None) -> dict:
-    """Settings of ``dataset`` (and of ``method`` at ``alpha``) with the method's overrides applied."""
+STUDIES = ("main", "ablation")  # a dataset's configured runs, and its α ablation (its own budget)
+
+
+def resolve(config: dict, dataset: str, method: str | None = None, alpha: float | None = None,
+            study: str = "main") -> dict:
+    """Settings of ``dataset`` (and of ``method`` at ``alpha``) with the method's overrides applied; in the
+    ``ablation`` study, the dataset's ``ablation.distill`` overrides on top."""
     if dataset not in config["datasets"]:
         raise KeyError(f"datasets.{dataset}: no such dataset in config.yaml (known: {sorted(config['datasets'])})")
     entry = copy.deepcopy(config["datasets"][dataset])
     methods = entry.pop("methods")
     entry.pop("cluster", None)  # where jobs run is no setting of theirs (see cluster_job)
     entry.pop("released", None)  # read by the workflow only (which files a job gets)
+    ablation = entry.pop("ablation", None)
     out = {"dataset": dataset, **entry}
     out["evaluation"] = {**config["evaluation"], **entry.get("evaluation", {})}
     if method is not None:
@@ -38,8 +44,12 @@ def resolve(config: dict, dataset: str, method: str | None = None, alpha: float 
         out["alpha"] = float(alpha)
         out["adversarial"] = ADVERSARIAL[method]
         out["init"] = spec.get("init")  # SiD²A: {from: sid | released, alpha}; else None (the teacher)
+        if study == "ablation" and (ablation is None or method not in ablation["methods"]):
+            raise KeyError(f"datasets.{dataset}.ablation: no α ablation of {method} configured")
         by_alpha = spec.get("by_alpha", {}).get(alpha_key(alpha), {})
-        out["distill"] = {**entry["distill"], **spec.get("distill", {}), **by_alpha}
+        study_distill = ablation["distill"] if study == "ablation" else {}
+        out["distill"] = {**entry["distill"], **spec.get("distill", {}), **by_alpha, **study_distill}
+        out["study"] = study
     return out
 
 

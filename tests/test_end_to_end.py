@@ -22,7 +22,9 @@ datasets:
     distill: {duration_kimg: 0.768, tick_kimg: 0.192, stage_kimg: [0.192, 0.384], snap_ticks: 2,
               eval_early_ticks: [0], dump_ticks: 2, eval_images: 128}
     methods: {sid2a: {distill: {duration_kimg: 0.768}}}
+    ablation: {alphas: [0.0, 1.0], distill: {duration_kimg: 0.384}}
 """
+STUDIES = ("results/plots/alpha-ablation-tiny.png", "results/tables/cost.csv", "results/claims/tiny.csv")
 
 
 @pytest.mark.slow
@@ -60,3 +62,25 @@ def test_tiny_experiment_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "results/tiny/sid2a/alpha1.2/eval/summary.json").read_text())
     assert summary["runs"] == 3 and len(summary["metrics"]["fid"]["values"]) == 3
     assert (tmp_path / "logs/distill/tiny-sid2a-alpha1.2.log").read_text().count("tick") >= 4
+    for row in rows[1:]:  # the default target draws every run's samples
+        assert (tmp_path / f"results/figures/tiny-{row['method']}-alpha{row['alpha']}.png").stat().st_size > 1000
+    assert (tmp_path / "benchmarks/distill/tiny-sid-alpha1.2.tsv").is_file()
+
+    # The ablation, cost and claims targets through the same rules.
+    r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "short.yaml", *STUDIES],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=1500, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    with open(tmp_path / "results/tables/alpha-ablation-tiny.csv") as f:
+        ablation = [(row["method"], row["alpha"], row["images seen"]) for row in csv.DictReader(f)]
+    assert ablation == [(m, a, "384") for m in ("SiDA", "SiD²A") for a in ("0.0", "1.0")]
+    assert (tmp_path / "results/plots/alpha-ablation-tiny.pdf").stat().st_size > 1000
+    with open(tmp_path / "results/tables/cost.csv") as f:
+        cost = list(csv.DictReader(f))
+    assert [(row["method"], row["alpha"]) for row in cost] == [
+        ("SiD", "1.0"), ("SiD", "1.2"), ("SiDA", "1.0"), ("SiD²A", "1.0"), ("SiD²A", "1.2")]
+    assert all(row["device"] == "cpu" and row["GPUs"] == "2" and float(row["s / 1k images"]) > 0 and
+               float(row["job wall time (h)"]) > 0 for row in cost)
+    with open(tmp_path / "results/claims/tiny.csv") as f:
+        verdicts = list(csv.DictReader(f))
+    assert [row["claim"] for row in verdicts] == list("abcde")
+    assert all(row["held"] in ("held", "not held") for row in verdicts)

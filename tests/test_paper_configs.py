@@ -15,7 +15,7 @@ from sidcore.settings import cluster_job, generator_settings, network_settings, 
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = strict_yaml.load(ROOT / "config.yaml")
-RUNS = [(name, method, alpha) for name, d in CONFIG["datasets"].items() if name != "tiny"
+RUNS = [(name, method, alpha) for name, d in CONFIG["datasets"].items() if not name.startswith("tiny")
         for method, spec in d["methods"].items() for alpha in spec["alphas"]]
 WIDTH = {"adm": 64, "edm2": 32}  # the narrowest each architecture's attention heads allow; others 16
 
@@ -54,6 +54,26 @@ def test_every_dataset_and_method_of_the_papers_is_configured():
     datasets = {"cifar10-uncond", "cifar10-cond", "imagenet64-cond", "ffhq64", "afhq64-v2",
                 *(f"edm2-{s}" for s in ("xs", "s", "m", "l", "xl", "xxl"))}
     assert runs == {(d, m) for d in datasets for m in ("sid", "sida", "sid2a")}
+
+
+def test_cifar10_ablation_runs_the_papers_alphas_for_its_first_20k_iterations():
+    ablation = CONFIG["datasets"]["cifar10-uncond"]["ablation"]
+    assert ablation["methods"] == ["sida", "sid2a"] and ablation["alphas"] == [0.0, 0.5, 1.0, 1.2, 1.5]
+    for method in ablation["methods"]:
+        for alpha in ablation["alphas"]:
+            study = resolve(CONFIG, "cifar10-uncond", method, alpha, "ablation")["distill"]
+            assert study["duration_kimg"] * 1000 / study["batch"] == 20_000
+            main = resolve(CONFIG, "cifar10-uncond", method, alpha)["distill"]
+            assert {**main, "duration_kimg": study["duration_kimg"]} == study  # only the budget differs
+
+
+def test_an_ablation_of_a_method_not_configured_is_refused():
+    config = {"datasets": {"x": {"methods": {"sid": {"alphas": [1.0]}},
+                                 "ablation": {"methods": ["sida"], "alphas": [0.0], "distill": {}}}}}
+    with pytest.raises(ValueError, match="datasets.x.ablation.methods: sida is not configured under methods"):
+        preflight.check_config(config)
+    with pytest.raises(KeyError, match="datasets.x.ablation: no α ablation of sid configured"):
+        resolve({**config, "evaluation": {}}, "x", "sid", 1.0, "ablation")
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def test_cifar10_uncond_table_has_every_paper_row_and_our_delta(tmp_path: Path) 
 def test_markdown_states_each_std_convention(tmp_path: Path) -> None:
     summaries = [read_summary(write_summary(tmp_path, "tiny", "sid", 1.0, fid=(1.4, 0.1), std_ddof=0)),
                  read_summary(write_summary(tmp_path, "tiny", "sida", 1.0, fid=(1.3, 0.1)))]
-    markdown = tabulate.to_markdown(tabulate.tabulate("tiny", summaries), "tiny", summaries)
+    markdown = "\n".join(tabulate.notes(summaries, with_paper=False))
     assert "Ours (SiD, α = 1.0): mean ± population standard deviation (ddof = 0) over 10 runs" in markdown
     assert "Ours (SiDA, α = 1.0): mean ± sample standard deviation (ddof = 1) over 10 runs" in markdown
     assert "Paper:" not in markdown  # no paper rows in the tiny table
@@ -256,13 +256,15 @@ def test_paper_csv_values_are_numeric_and_keys_unique() -> None:
         for column in ("alpha", "nfe", "std"):
             if row[column]:
                 float(row[column])
-        assert row["metric"] in {"fid", "is", "precision", "recall", "fd_dinov2"}
+        assert row["metric"] in ({"gpus", "batch", "batch_gpu", "mem_alloc_gb", "mem_reserved_gb", "sec_per_kimg",
+                                  "hours_per_10m"} if row["table"] == "cost" else
+                                 {"fid", "is", "precision", "recall", "fd_dinov2"})
         assert row["method"] in {"", "teacher", "sid", "sida", "sid2a"}
-    keys = [tuple(row[c] for c in ("table", "model", "alpha", "size", "cfg", "nfe", "metric"))
+    keys = [tuple(row[c] for c in ("table", "model", "method", "alpha", "size", "cfg", "nfe", "metric"))
             for row in rows]
     assert len(keys) == len(set(keys))
     assert {row["table"] for row in rows} == {"cifar10-uncond", "cifar10-cond", "imagenet64",
-                                              "ffhq64", "afhq64-v2", "edm2", "edm2_fd_dinov2"}
+                                              "ffhq64", "afhq64-v2", "edm2", "edm2_fd_dinov2", "cost"}
 
 
 @pytest.mark.parametrize("table, mean", [("cifar10-uncond", "1.499"), ("cifar10-cond", "1.396"),

@@ -71,6 +71,9 @@ def overlay(workdir: Path, text: str) -> str:
     ("tables: [no-such-table]", "no-such-table"),
     ("datasets: {tiny: {data: {source: image-folder}}}", "path"),
     ("datasets: {tiny: {teacher: {source: download, artifact: teacher/no-such-teacher}}}", "teacher/no-such-teacher"),
+    ("datasets: {tiny: {ablation: {methods: [dmd]}}}", "dmd"),
+    ("datasets: {tiny: {ablation: {alphas: [1.0, 1.0]}}}", "['ablation']['alphas']"),
+    ("figures: {rows: 0}", "rows"),
 ])
 def test_bad_config_fails_before_any_job_naming_the_key(workdir, text, key):
     r = snakemake(workdir, "--configfile", overlay(workdir, text))
@@ -95,6 +98,7 @@ def test_bad_config_fails_before_any_job_naming_the_key(workdir, text, key):
     ("datasets: {tiny: {methods: {sid2a: {init: {from: sid, alpha: 1.5}}}}}", "datasets.tiny.methods.sid2a.init"),
     ("datasets: {tiny: {evaluation: {num_images: 100000000, batch: 1}}}", "datasets.tiny.evaluation"),
     ("datasets: {imagenet64-cond: {data: {path: /no/such/imagenet}}}", "datasets.imagenet64-cond.data.path"),
+    ("datasets: {tiny: {ablation: {distill: {stage_kimg: [4, 2]}}}}", "datasets.tiny.ablation (sida, alpha 0.0)"),
 ])
 def test_values_no_job_could_run_fail_the_plan_naming_the_key(workdir, text, key):
     """Each is refused by `snakemake -n` before any job, by the checks the jobs themselves make."""
@@ -109,8 +113,8 @@ def test_values_no_job_could_run_fail_the_plan_naming_the_key(workdir, text, key
 def test_a_ready_made_zip_of_another_shape_fails_the_plan(workdir):
     from sidcore.dataset import write_image_zip
     write_image_zip(workdir / "cifar.zip", np.zeros((2, 3, 32, 32), np.uint8), np.array([0, 9]))
-    r = snakemake(workdir, "--configfile", overlay(workdir, f"datasets: {{tiny: {{data: {{source: edm-zip, path: "
-                                                            f"{workdir / 'cifar.zip'}}}}}}}"))
+    data = f"{{data: {{name: digits, source: edm-zip, path: {workdir / 'cifar.zip'}}}}}"  # both datasets of digits.zip
+    r = snakemake(workdir, "--configfile", overlay(workdir, f"datasets: {{tiny: {data}, tiny-claims: {data}}}"))
     message = r.stdout + r.stderr
     assert r.returncode != 0 and "datasets.tiny: config says channels/resolution/label_dim = (1, 8, 10), the data has" \
         " (3, 32, 10)" in message, message[-2000:]
@@ -139,7 +143,13 @@ def test_duplicate_key_in_an_overlay_is_refused(workdir):
     ("results/plots/cifar100.png", "dataset 'cifar100' is not in config.yaml (known: afhq64-v2"),
     ("results/tiny/sid/alpha1.5/eval/summary.json", "'sid/alpha1.5' is not in config.yaml (known:"),
     ("results/tiny/sida/alpha1.2/generator.pt", "'sida/alpha1.2' is not in config.yaml (known:"),
-    ("results/cifar10-uncond/teacher/eval/summary.json", "'teacher' is not in config.yaml (known:"),
+    ("results/edm2-xs/teacher/eval/summary.json", "'teacher' is not in config.yaml (known:"),
+    ("results/tiny/ablation/sida/alpha0.5/log.jsonl", "ablation of datasets.tiny 'sida/alpha0.5' is not in config.yaml"),
+    ("results/tiny/ablation/sid/alpha1.0/log.jsonl", "ablation of datasets.tiny 'sid/alpha1.0' is not in config.yaml"),
+    ("results/plots/alpha-ablation-ffhq64.png", "datasets.ffhq64.ablation: no α ablation configured"),
+    ("results/figures/tiny-sida-alpha1.2.png", "'sida/alpha1.2' is not in config.yaml (known:"),
+    ("results/claims/cifar10-cond.csv", "datasets.cifar10-cond: the claims need ablation (of sida)"),
+    ("results/claims/edm2-xs.csv", "datasets.edm2-xs: the claims need teacher_eval, ablation (of sida)"),
 ])
 def test_a_target_config_yaml_does_not_define_fails_listing_the_known_ones(workdir, target, known):
     r = snakemake(workdir, targets=(target,))
@@ -154,7 +164,7 @@ def test_every_sid2a_run_starts_from_the_configured_sid_generator(workdir):
         r = subprocess.run([*SNAKEMAKE, "-n", "results/tables/cifar10-uncond.csv", *args], cwd=workdir,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        jobs = re.findall(r"rule distill_sid2a:\n    input: .*, (\S+)\n    output: \S+/sid2a/alpha([0-9.]+)/generator",
+        jobs = re.findall(r"rule distill:\n    input: .*, (\S+)\n    output: \S+/sid2a/alpha([0-9.]+)/generator",
                           r.stdout + r.stderr)
         return {alpha: init for init, alpha in jobs}
 
@@ -171,14 +181,32 @@ def test_tiny_dag(workdir):
     counts = job_counts(r.stdout + r.stderr)
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]["tiny"]
     n_alphas = {m: len(spec["alphas"]) for m, spec in cfg["methods"].items()}
-    assert counts["distill_sid"] == n_alphas["sid"]
-    assert counts["distill_sida"] == n_alphas["sida"]
-    assert counts["distill_sid2a"] == n_alphas["sid2a"]
-    assert counts["evaluate_generator"] == sum(n_alphas.values())
+    assert counts["distill"] == sum(n_alphas.values())
+    assert counts["evaluate_generator"] == counts["figure"] == sum(n_alphas.values())
     assert counts["evaluate_teacher"] == 1
     assert counts["summarize"] == sum(n_alphas.values()) + 1
     for rule in ("prepare_data", "train_teacher", "train_detector", "compute_reference", "tabulate", "plot"):
         assert counts[rule] == 1, rule
+    assert not counts["distill_ablation"]  # the ablation is a target of its own
+
+
+@pytest.mark.parametrize("target, jobs", [
+    # 5 α of SiDA and SiD²A; SiD²A starts from the SiD α = 1.2 run; the teacher is downloaded and converted.
+    ("results/plots/alpha-ablation-cifar10-uncond.png",
+     {"distill_ablation": 10, "distill": 1, "alpha_ablation": 1, "convert_teacher": 1}),
+    # every run of the default tables (tiny's 5) and its benchmark
+    ("results/tables/cost.csv", {"distill": 5, "cost": 1, "train_teacher": 1}),
+    ("results/figures/cifar10-uncond-sid2a-alpha1.0.png", {"figure": 1, "distill": 2, "convert_teacher": 1}),
+    # tiny-claims: 5 runs, 5 ablation runs, 6 evaluations (teacher included), the tables and plots
+    ("results/claims/tiny-claims.csv", {"distill": 5, "distill_ablation": 5, "evaluate_generator": 5,
+                                        "evaluate_teacher": 1, "summarize": 6, "alpha_ablation": 1, "plot": 1,
+                                        "claims": 1, "train_teacher": 1}),
+])
+def test_study_targets_plan_exactly_their_jobs(workdir, target, jobs):
+    r = snakemake(workdir, "-c1", targets=(target,))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    counts = job_counts(r.stdout + r.stderr)
+    assert {rule: counts[rule] for rule in jobs} == jobs
 
 
 @pytest.mark.parametrize("table, datasets", [
@@ -209,6 +237,8 @@ def test_paper_table_dags(workdir, table, datasets):
     assert counts["convert_teacher"] == len(datasets)
     assert counts["prepare_data"] + counts["encode_latents"] == len({cfg[d]["data"].get("name", d) for d in datasets})
     assert counts["tabulate"] == 1
+    teachers = [d for d in datasets if "teacher_eval" in cfg[d]]  # the EDM teachers, at the papers' NFE
+    assert counts["evaluate_teacher"] == len(teachers) and (table == "edm2") == (not teachers)
 
 
 LOCAL_RULES = """
@@ -239,8 +269,8 @@ def test_edm2_prefetch_jobs_run_on_the_login_node(workdir):
     assert local.returncode == 0, local.stderr[-3000:]
     local_rules = set(local.stdout.split())
     # Local: downloads, and the GPU stages, which only wait for the job `sidcore launch` submits.
-    assert {"download", "distill_sid", "distill_sida", "distill_sid2a", "evaluate_generator", "evaluate_teacher",
-            "evaluate_released", "encode_latents"} <= local_rules
+    assert {"download", "distill", "distill_ablation", "evaluate_generator", "evaluate_teacher", "evaluate_released",
+            "encode_latents", "figure"} <= local_rules
     assert not local_rules & {"prepare_data", "convert_teacher", "convert_generator"}  # CPU jobs, sent to SLURM
 
 
@@ -288,7 +318,7 @@ def test_slurm_profile_plans_the_edm2_table_with_gpu_resources(tmp_path):
     assert r.returncode == 0, out[-3000:]
     assert "Using profiles slurm and workflow specific profile profiles/default" in out
     blocks = out.split("\n\n")
-    distill = [b for b in blocks if re.search(r"rule distill_sid2?a?:", b)]
+    distill = [b for b in blocks if "rule distill:" in b]
     assert len(distill) == 18  # 6 sizes × SiD, SiDA, SiD²A
     for b in distill:  # Table 8's node of 8 GPUs, the GPU partition, and a SLURM job through the launcher
         assert "nodes=1, gpus_per_node=8" in b and "slurm_partition=gpu" in b, b
@@ -307,7 +337,7 @@ def test_default_profile_runs_gpu_stages_as_local_processes(tmp_path):
     assert "sidcore launch --executor local" in out and "--executor slurm" not in out
     # Locally a GPU stage takes the cores of all its threads: 2 processes × 1 (distill), 1 process × 2 (evaluate)
     blocks = out.split("\n\n")
-    for rule in ("distill_sid", "evaluate_teacher"):
+    for rule in ("distill", "evaluate_teacher"):
         block = next(b for b in blocks if f"rule {rule}:" in b)
         assert "threads: 2" in block, block
 
@@ -333,19 +363,18 @@ def test_new_alpha_adds_only_its_jobs(workdir):
     r = snakemake(workdir, "-c1", target)
     assert r.returncode == 0, r.stderr[-3000:]
     counts = job_counts(r.stdout + r.stderr)
-    assert dict(counts) == {"distill_sid": 1, "evaluate_generator": 1, "summarize": 1, "tabulate": 1}
+    assert dict(counts) == {"distill": 1, "evaluate_generator": 1, "summarize": 1, "tabulate": 1}
 
     # A distillation hyper-parameter reruns the distillations and what depends on them, not the data,
     # the teacher, the reference statistics or the teacher's evaluation.
-    new = config.replace("      lr: 1.0e-4\n", "      lr: 2.0e-4\n")
+    new = config.replace("      lr: 1.0e-4\n", "      lr: 2.0e-4\n", 1)  # tiny's (tiny-claims' comes later)
     assert new.count("lr: 2.0e-4") == 1
     (workdir / "config.yaml").write_text(new)
     r = snakemake(workdir, "-c1", target)
     assert r.returncode == 0, r.stderr[-3000:]
     counts = job_counts(r.stdout + r.stderr)
-    assert set(counts) == {"distill_sid", "distill_sida", "distill_sid2a", "evaluate_generator", "summarize",
-                           "tabulate"}, counts
-    assert counts["evaluate_generator"] == counts["distill_sid"] + counts["distill_sida"] + counts["distill_sid2a"]
+    assert set(counts) == {"distill", "evaluate_generator", "summarize", "tabulate"}, counts
+    assert counts["evaluate_generator"] == counts["distill"]
 
 
 def test_the_released_switch_adds_exactly_the_released_generators_evaluations(workdir):
@@ -372,8 +401,8 @@ def test_only_evaluations_read_the_precision_recall_batch_and_dinov2(workdir):
     commands = [line for line in r.stdout.splitlines() if "sidcore launch" in line]
     evaluations = [c for c in commands if " evaluate " in c]
     distillations = [c for c in commands if " distill " in c]
-    assert len(evaluations) == 5 + 18 and len(distillations) == 5 + 18
+    assert len(evaluations) == 6 + 18 and len(distillations) == 5 + 18  # ImageNet's teacher is evaluated too
     virtual = "--pr-reference resources/downloads/refs/VIRTUAL_imagenet64_labeled"
-    assert sum(virtual in c for c in evaluations) == 5
+    assert sum(virtual in c for c in evaluations) == 6
     assert sum("--dinov2-weights resources/downloads/detector/dinov2-vitl14" in c for c in evaluations) == 18
     assert not any("--pr-reference" in c or "--dinov2-weights" in c for c in distillations)

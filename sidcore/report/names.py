@@ -5,6 +5,7 @@ METHOD_NAMES = {"teacher": "Teacher", "sid": "SiD", "sida": "SiDA", "sid2a": "Si
 DISTILLATION_METHODS = ("sid", "sida", "sid2a")
 TABLE_TITLES = {
     "tiny": "8×8 digits (CPU demo)",
+    "tiny-claims": "8×8 digits, the papers' claims in miniature (CPU)",
     "cifar10-uncond": "CIFAR-10 32×32, unconditional",
     "cifar10-cond": "CIFAR-10 32×32, class-conditional",
     "imagenet64": "ImageNet 64×64, class-conditional",

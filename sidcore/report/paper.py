@@ -2,7 +2,9 @@
 
 The file is in long format: one line per (table row, metric). Table numbers in its ``source``
 column follow the order of appearance in the SiDA paper; ``note`` flags every value that needed
-interpretation (inferred α, ambiguous column, README-only number).
+interpretation (inferred α, ambiguous column, README-only number). Table 8's training costs are table
+``cost``: per (dataset table in ``model``, method) its GPUs, batch, memory and speed, ``family`` naming the
+hardware.
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from matplotlib.ticker import LogFormatter
 
 from sidcore.atomic import atomic_path
 from sidcore.report import paper
+from sidcore.report.logs import curve, read_log
 from sidcore.report.names import DISTILLATION_METHODS, method_label
 from sidcore.report.paper import PaperEntry
 
@@ -31,21 +32,6 @@ def parse_run(method: str, alpha: str, log: str) -> Run:
         return method, float(alpha), Path(log)
     except ValueError:
         raise ValueError(f"--run {method} {alpha} {log}: α is not a number") from None
-
-
-def fid_curve(path: Path) -> tuple[list[float], list[float]]:
-    """Images seen and FID of every log line carrying an in-training FID."""
-    images, fids = [], []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if record.get("fid") is not None and record["kimg"] > 0:
-            images.append(record["kimg"] * 1000)
-            fids.append(float(record["fid"]))
-    if not fids:
-        raise ValueError(f"{path}: no in-training FID values (at images seen > 0)")
-    return images, fids
 
 
 def paper_fids(table: str, size: str) -> tuple[list[PaperEntry], list[PaperEntry]]:
@@ -75,7 +61,7 @@ def _teacher_lines(axes: Axes, summary: Path | None, entries: list[PaperEntry]) 
 
 def figure(runs: list[Run], teacher_summary: Path | None, table: str, size: str, title: str) -> Figure:
     """Build the plot; each curve is checked before anything is drawn."""
-    curves = [(method, alpha, *fid_curve(path)) for method, alpha, path in runs]
+    curves = [(method, alpha, *curve(read_log(path), "fid", str(path))) for method, alpha, path in runs]
     teachers, finals = paper_fids(table, size)
     fig = Figure(figsize=(8.0, 4.8))
     FigureCanvasAgg(fig)

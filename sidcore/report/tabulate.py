@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from sidcore.atomic import write_text
-from sidcore.report import paper
+from sidcore.report import markdown, paper
 from sidcore.report.names import METHOD_NAMES, alpha_text, method_label, model_label, table_title
 from sidcore.report.paper import PaperEntry
 
 TABLE_METRICS = {
     "tiny": ("fid", "is"),
+    "tiny-claims": ("fid", "is"),
     "cifar10-uncond": ("fid", "is"),
     "imagenet64": ("fid", "precision", "recall"),
     "edm2_fd_dinov2": ("fd_dinov2",),
@@ -235,24 +235,11 @@ def notes(summaries: list[dict], with_paper: bool) -> list[str]:
     return lines
 
 
-def to_markdown(frame: pd.DataFrame, table: str, summaries: list[dict]) -> str:
-    """A GitHub-flavoured Markdown table of ``frame`` under a heading, with its notes."""
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
-
-    lines = [f"# {table_title(table)}", "", line(list(frame.columns)), line(["---"] * len(frame.columns))]
-    lines += [line(list(row)) for row in frame.itertuples(index=False)]
-    for note in notes(summaries, with_paper="paper source" in frame.columns):
-        lines += ["", note]
-    lines.append("")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     summaries = load_summaries(args.summaries, args.table)
     frame = tabulate(args.table, summaries)
-    write_text(args.out, frame.to_csv(index=False))
-    write_text(args.out.with_suffix(".md"), to_markdown(frame, args.table, summaries))
+    with_paper = "paper source" in frame.columns
+    markdown.save(frame, args.out, table_title(args.table), notes(summaries, with_paper=with_paper))
     return 0
 
 

@@ -6,6 +6,7 @@
 #   resources/teachers/trained/, resources/refs/computed/, resources/detectors/trained/   made here
 #   results/{dataset}/{method}/alpha{alpha}/          one distillation run (generator.pt, log.jsonl)
 #   results/{dataset}/{method}/alpha{alpha}/eval/     run{r}.json per evaluation run, summary.json
+#   results/{dataset}/ablation/{method}/alpha{alpha}/ one run of the α ablation (config `ablation`)
 #   results/{dataset}/teacher/eval/                   the teacher's evaluation (where configured)
 #   results/{dataset}/released/{method}/alpha{alpha}/eval/   a released generator's evaluation (evaluation.released)
 #   results/tables/{table}.csv|md, results/plots/{dataset}.png|pdf
@@ -20,7 +21,7 @@ import os
 from sidcore.registry import artifacts
 from sidcore.report.tabulate import SUMMARY_TABLE as TABLE_SOURCES  # tables made from another table's runs
 from sidcore import preflight
-from sidcore.settings import (METHODS, alpha_key, cluster_job, dumps, for_stage, generator_settings, network_settings,
+from sidcore.settings import (METHODS, STUDIES, alpha_key, cluster_job, dumps, for_stage, generator_settings, network_settings,
                               resolve)
 
 DATASETS = config["datasets"]
@@ -57,8 +58,10 @@ def check_config() -> None:
                 raise ValueError(f"datasets.{name}: unknown artifact key {key!r} (see sidcore/data/artifacts.yaml)")
         preflight.check_evaluation(resolve(config, name))
         job = cluster_job(config, name, "distill")
-        for method, alpha in runs(name):
-            preflight.check_distill(resolve(config, name, method, alpha), job["nodes"] * job["gpus_per_node"])
+        for study in STUDIES:
+            for method, alpha in runs(name, study):
+                preflight.check_distill(resolve(config, name, method, alpha, study),
+                                        job["nodes"] * job["gpus_per_node"])
         job = cluster_job(config, name, "encode")
         if job["nodes"] * job["gpus_per_node"] != 1:
             raise ValueError(f"datasets.{name}.cluster.jobs.encode: this stage runs as one process; "
@@ -70,9 +73,10 @@ def known_tables() -> set[str]:
     return tables | {alias for alias, source in TABLE_SOURCES.items() if source in tables}
 
 
-def check_target(w) -> None:
-    """A target's table, dataset, method and alpha must be config.yaml's: Snakemake would otherwise make an
-    empty table or a run nobody configured. Called by the input functions of the rules with these wildcards."""
+def check_target(w, study="main") -> None:
+    """A target's table, dataset, method and alpha must be config.yaml's (in ``study``: the configured runs or
+    the α ablation): Snakemake would otherwise make an empty table or a run nobody configured. Called by the
+    input functions of the rules with these wildcards."""
     def refuse(what, value, known):
         raise ValueError(f"{what} {value!r} is not in config.yaml (known: {', '.join(sorted(known)) or 'none'})")
 
@@ -82,11 +86,13 @@ def check_target(w) -> None:
         refuse("dataset", w.dataset, DATASETS)
     model = w.get("model") or (f"{w.method}/alpha{w.alpha}" if "method" in w.keys() else None)
     if model is not None:
-        known = ([f"{m}/alpha{a}" for m, a in runs(w.dataset)] + [f"released/{m}/alpha{a}" for m in
-                 DATASETS[w.dataset].get("released", {}) for a in released_keys(w.dataset, m)] +
-                 (["teacher"] if "teacher_eval" in DATASETS[w.dataset] else []))
+        known = [f"{m}/alpha{a}" for m, a in runs(w.dataset, study)]
+        if study == "main":
+            known += [f"released/{m}/alpha{a}" for m in DATASETS[w.dataset].get("released", {})
+                      for a in released_keys(w.dataset, m)]
+            known += ["teacher"] if "teacher_eval" in DATASETS[w.dataset] else []
         if model not in known:
-            refuse(f"run of datasets.{w.dataset}", model, known)
+            refuse(f"{'ablation' if study == 'ablation' else 'run'} of datasets.{w.dataset}", model, known)
 
 
 RUNS = expand("run{run}.json", run=range(config["evaluation"]["runs"]))  # the records of one evaluation
@@ -103,20 +109,27 @@ def job_dataset(w) -> str:
     return w.dataset if "dataset" in w.keys() else dataset_of_data(w.data)
 
 
-def job_name(stage, w) -> str:
-    return "-".join([stage, *map(str, w)])
+def job_name(stage, w, study="main") -> str:
+    return "-".join([stage, *([study] if study != "main" else []), *map(str, w)])
 
 
-def launch_params(stage):
+def launch_params(stage, study="main"):
     """A GPU stage's job name and the folder of its job ids and per-task logs."""
-    return {"jobname": lambda w: job_name(stage, w), "jobdir": lambda w: f"logs/jobs/{job_name(stage, w)}"}
+    return {"jobname": lambda w: job_name(stage, w, study),
+            "jobdir": lambda w: f"logs/jobs/{job_name(stage, w, study)}"}
 
 
-def gpu_resources(stage):
+def gpu_job(stage, w, single=False) -> dict:
+    """A GPU stage's job for ``w``'s dataset; ``single``: one process on one GPU, with the stage's other settings."""
+    job = cluster_job(config, job_dataset(w), stage)
+    return {**job, "nodes": 1, "gpus_per_node": 1} if single else job
+
+
+def gpu_resources(stage, single=False):
     """What a GPU stage's job asks for: shown in the plan (`snakemake -n`) and passed to the launcher.
     Resources, unlike params, do not make Snakemake rerun a finished job when they change."""
     def get(key):
-        return lambda w: cluster_job(config, job_dataset(w), stage)[key]
+        return lambda w: gpu_job(stage, w, single)[key]
 
     return {"nodes": get("nodes"), "gpus_per_node": get("gpus_per_node"), "cpus_per_task": get("cpus_per_task"),
             "mem_mb": lambda w: int(get("mem_gb")(w) * 1024), "runtime": get("time_min"),
@@ -137,11 +150,11 @@ LAUNCH = ("sidcore launch {LAUNCH_FLAGS} --name {params.jobname} --nodes {resour
           " --logdir {params.jobdir}")
 
 
-def launch_threads(stage):
+def launch_threads(stage, single=False):
     """Cores a GPU stage takes where Snakemake runs: with the local launcher, every thread of every process
     of its job (processes × cpus_per_task); with SLURM, one (it only waits)."""
     def threads(w):
-        job = cluster_job(config, job_dataset(w), stage)
+        job = gpu_job(stage, w, single)
         processes = job["nodes"] * max(job["gpus_per_node"], 1)
         return processes * job["cpus_per_task"] if config["launcher"] == "local" else 1
 
@@ -166,10 +179,10 @@ def cpu_resources():
     return out
 
 
-def settings(dataset, method=None, alpha=None, stage=None) -> str:
+def settings(dataset, method=None, alpha=None, stage=None, study="main") -> str:
     """The job's resolved settings as JSON (a param, so Snakemake reruns a job whose settings change);
     with ``stage``, only the part that stage reads."""
-    resolved = resolve(config, dataset, method, alpha)
+    resolved = resolve(config, dataset, method, alpha, study)
     return dumps(for_stage(resolved, stage) if stage else resolved)
 
 
@@ -179,8 +192,12 @@ def network_json(key, generator=False) -> str:
     return dumps(generator_settings(network) if generator else network)
 
 
-def runs(dataset):
-    """(method, alpha) of every distillation run configured for ``dataset``."""
+def runs(dataset, study="main"):
+    """(method, alpha) of every distillation run configured for ``dataset`` (``study`` main), or of its α
+    ablation (``study`` ablation)."""
+    if study == "ablation":
+        ablation = DATASETS[dataset].get("ablation", {"methods": []})
+        return [(m, alpha_key(a)) for m in ablation["methods"] for a in ablation["alphas"]]
     return [(m, alpha_key(a)) for m, spec in DATASETS[dataset]["methods"].items() for a in spec["alphas"]]
 
 
@@ -205,8 +222,8 @@ def datasets_of_tables(tables):
     return [name for name, d in DATASETS.items() if d["table"] in wanted]
 
 
-def run_dir(dataset, method, alpha) -> str:
-    return f"results/{dataset}/{method}/alpha{alpha}"
+def run_dir(dataset, method, alpha, study="main") -> str:
+    return f"results/{dataset}/{'ablation/' if study == 'ablation' else ''}{method}/alpha{alpha}"
 
 
 def artifact_file(key: str) -> str:
@@ -326,11 +343,23 @@ def init_file(w):
     return f"resources/generators/{released_keys(w.dataset, 'sid')[alpha]}.pt"
 
 
-def model_inputs(w):
+def model_inputs(w, study="main"):
     """Inputs of distillation and evaluation jobs: data, reference statistics, detector, the VAE where used."""
-    check_target(w)
+    check_target(w, study)
     d = DATASETS[w.dataset]
     return {"data": data_file(w), "refs": refs_file(w), "detector": detector_file(w), "vae": vae_files(d)}
+
+
+def distill_inputs(w, study="main"):
+    """Inputs of a distillation: those of ``model_inputs``, the teacher and, for SiD²A, its starting generator."""
+    inputs = {**model_inputs(w, study), "teacher": teacher_file(w)}
+    if w.method == "sid2a":
+        inputs["init"] = init_file(w)
+    return inputs
+
+
+def init_arg(w, input) -> str:
+    return f"--init {input.init}" if "init" in input.keys() else ""
 
 
 def eval_inputs(w):
@@ -353,6 +382,115 @@ def eval_args(w, input) -> str:
     if "pr_reference" in input.keys():
         args += f" --pr-reference {input.pr_reference}"
     return args
+
+
+
+# Report rules: inputs, arguments and report entries.
+
+
+def summaries_of_table(w):
+    check_target(w)
+    out = []
+    for dataset in datasets_of_tables([w.table]):
+        if "teacher_eval" in DATASETS[dataset]:
+            out.append(f"results/{dataset}/teacher/eval/summary.json")
+        out += [f"{run_dir(dataset, m, a)}/eval/summary.json" for m, a in runs(dataset)]
+        out += [f"results/{dataset}/released/{m}/alpha{a}/eval/summary.json" for m, a in released_runs(dataset)]
+    return out
+
+
+def plot_inputs(w):
+    check_target(w)
+    inputs = {"logs": [f"{run_dir(w.dataset, m, a)}/log.jsonl" for m, a in runs(w.dataset)]}
+    if "teacher_eval" in DATASETS[w.dataset]:
+        inputs["teacher"] = f"results/{w.dataset}/teacher/eval/summary.json"
+    return inputs
+
+
+def plot_args(w, input) -> str:
+    """The runs' curves, and what identifies the dataset's paper numbers (its table and EDM2 size)."""
+    d = DATASETS[w.dataset]
+    args = [f"--run {m} {a} {log}" for (m, a), log in zip(runs(w.dataset), input.logs)]
+    args.append(f"--table {d['table']}")
+    if "size" in d:
+        args.append(f"--size {d['size']}")
+    if "teacher" in input.keys():
+        args.append(f"--teacher-summary {input.teacher}")
+    return " ".join(args)
+
+
+def ablation_logs(w):
+    """The logs of the dataset's α ablation (config `ablation`)."""
+    check_target(w)
+    if "ablation" not in DATASETS[w.dataset]:
+        raise ValueError(f"datasets.{w.dataset}.ablation: no α ablation configured for this dataset")
+    return [f"{run_dir(w.dataset, m, a, 'ablation')}/log.jsonl" for m, a in runs(w.dataset, "ablation")]
+
+
+def cost_runs():
+    """(dataset, method, alpha) of every distillation of the configured tables."""
+    return [(d, m, a) for d in datasets_of_tables(config["tables"]) for m, a in runs(d)]
+
+
+def cost_inputs(w):
+    return {"logs": [f"{run_dir(d, m, a)}/log.jsonl" for d, m, a in cost_runs()],
+            "benchmarks": [f"benchmarks/distill/{d}-{m}-alpha{a}.tsv" for d, m, a in cost_runs()]}
+
+
+def cost_args(w, input) -> str:
+    return " ".join(f"--run {d} {DATASETS[d]['table']} {m} {a} {log} {bench}"
+                    for (d, m, a), log, bench in zip(cost_runs(), input.logs, input.benchmarks))
+
+
+def figure_inputs(w):
+    """A run's generator, the data (label distribution), the teacher where it is evaluated, the VAE where used."""
+    check_target(w)
+    d = DATASETS[w.dataset]
+    inputs = {"generator": f"{run_dir(w.dataset, w.method, w.alpha)}/generator.pt", "data": data_file(w),
+              "vae": vae_files(d)}
+    if "teacher_eval" in d:
+        inputs["teacher"] = teacher_file(w)
+    return inputs
+
+
+def claims_inputs(w):
+    """Everything claims (a)–(e) read: the teacher's and every run's evaluation, the runs' logs, the α ablation
+    (and its table and plot, and the dataset's plot, so that the target brings the experiment's plots)."""
+    check_target(w)
+    d = DATASETS[w.dataset]
+    missing = [key for key, ok in (("teacher_eval", "teacher_eval" in d), ("methods.sid", "sid" in d["methods"]),
+                                   ("methods.sida", "sida" in d["methods"]), ("methods.sid2a", "sid2a" in d["methods"]),
+                                   ("ablation (of sida)", "sida" in d.get("ablation", {}).get("methods", [])))
+               if not ok]
+    if missing:
+        raise ValueError(f"datasets.{w.dataset}: the claims need {', '.join(missing)}")
+    main = runs(w.dataset)
+    return {"teacher": f"results/{w.dataset}/teacher/eval/summary.json",
+            "logs": [f"{run_dir(w.dataset, m, a)}/log.jsonl" for m, a in main],
+            "summaries": [f"{run_dir(w.dataset, m, a)}/eval/summary.json" for m, a in main],
+            "ablation": ablation_logs(w), "ablation_plot": f"results/plots/alpha-ablation-{w.dataset}.png",
+            "plot": f"results/plots/{w.dataset}.png"}
+
+
+def claims_args(w, input) -> str:
+    main = runs(w.dataset)
+    args = [f"--teacher-summary {input.teacher}",
+            f"--sid2a-init-alpha {DATASETS[w.dataset]['methods']['sid2a']['init']['alpha']}"]
+    args += [f"--run {m} {a} {log} {summary}" for (m, a), log, summary in zip(main, input.logs, input.summaries)]
+    args += [f"--ablation {a} {log}" for (m, a), log in zip(runs(w.dataset, "ablation"), input.ablation) if m == "sida"]
+    return " ".join(args)
+
+
+def table_report(path, kind, caption="table.rst", name="table"):
+    """A table output for the report: category Tables, one subcategory per value of wildcard ``name``."""
+    return report(path, caption=f"../report/{caption}", category="Tables", subcategory=f"{{{name}}}",
+                  labels={name: f"{{{name}}}", "file": kind})
+
+
+def plot_report(path, kind, caption="plot.rst"):
+    """A plot output for the report: one subcategory per dataset."""
+    return report(path, caption=f"../report/{caption}", category="FID against images seen", subcategory="{dataset}",
+                  labels={"dataset": "{dataset}", "file": kind})
 
 
 check_config()

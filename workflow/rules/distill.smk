@@ -1,25 +1,24 @@
-# SiD from the teacher; SiDA from the teacher; SiD²A from a SiD generator. One job per (dataset, alpha).
-# A rerun of an interrupted job resumes from results/.../training-state.pt; under SLURM a job that reaches
-# its time limit or is preempted saves its state, is requeued and resumes by itself.
+# SiD and SiDA from the teacher; SiD²A from a SiD generator (methods.sid2a.init). One job per (dataset, method,
+# alpha). A rerun of an interrupted job resumes from results/.../training-state.pt; under SLURM a job that
+# reaches its time limit or is preempted saves its state, is requeued and resumes by itself.
 
 
-rule distill_sid:
+rule distill:
     input:
-        unpack(model_inputs),
-        teacher=teacher_file,
+        unpack(distill_inputs),
     output:
         generator="results/{dataset}/{method}/alpha{alpha}/generator.pt",
         log="results/{dataset}/{method}/alpha{alpha}/log.jsonl",
-    wildcard_constraints:
-        method="sid",
     params:
         **launch_params("distill"),
         settings=lambda w: settings(w.dataset, w.method, w.alpha),
         outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
-        init="",
+        init=init_arg,
         extra=eval_args,
     log:
         "logs/distill/{dataset}-{method}-alpha{alpha}.log",
+    benchmark:
+        "benchmarks/distill/{dataset}-{method}-alpha{alpha}.tsv"
     localrule: True
     threads: launch_threads("distill")
     resources:
@@ -33,23 +32,21 @@ rule distill_sid:
         " > {log} 2>&1"
 
 
-use rule distill_sid as distill_sida with:
-    wildcard_constraints:
-        method="sida",
-    localrule: True  # not inherited by `use rule`
-
-
-use rule distill_sid as distill_sid2a with:
+# One run of the α ablation (config `ablation`): the same job with the ablation's budget, in its own folder.
+use rule distill as distill_ablation with:
     input:
-        unpack(model_inputs),
-        teacher=teacher_file,
-        init=init_file,
-    wildcard_constraints:
-        method="sid2a",
-    localrule: True
+        unpack(lambda w: distill_inputs(w, study="ablation")),
+    output:
+        generator="results/{dataset}/ablation/{method}/alpha{alpha}/generator.pt",
+        log="results/{dataset}/ablation/{method}/alpha{alpha}/log.jsonl",
     params:
-        **launch_params("distill"),
-        settings=lambda w: settings(w.dataset, w.method, w.alpha),
-        outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
-        init=lambda w, input: f"--init {input.init}",
+        **launch_params("distill", study="ablation"),
+        settings=lambda w: settings(w.dataset, w.method, w.alpha, study="ablation"),
+        outdir=lambda w: run_dir(w.dataset, w.method, w.alpha, study="ablation"),
+        init=init_arg,
         extra=eval_args,
+    log:
+        "logs/distill/{dataset}-ablation-{method}-alpha{alpha}.log",
+    benchmark:
+        "benchmarks/distill/{dataset}-ablation-{method}-alpha{alpha}.tsv"
+    localrule: True

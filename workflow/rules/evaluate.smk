@@ -15,6 +15,8 @@ rule evaluate_generator:
         extra=eval_args,
     log:
         "logs/evaluate/{dataset}-{method}-alpha{alpha}.log",
+    benchmark:
+        "benchmarks/evaluate/{dataset}-{method}-alpha{alpha}.tsv"
     localrule: True
     threads: launch_threads("evaluate")
     resources:
@@ -40,6 +42,8 @@ use rule evaluate_generator as evaluate_released with:
         extra=lambda w, input: f"{eval_args(w, input)} --released {released_keys(w.dataset, w.method)[w.alpha]}",
     log:
         "logs/evaluate/{dataset}-released-{method}-alpha{alpha}.log",
+    benchmark:
+        "benchmarks/evaluate/{dataset}-released-{method}-alpha{alpha}.tsv"
     localrule: True
 
 
@@ -56,6 +60,8 @@ rule evaluate_teacher:
         extra=eval_args,
     log:
         "logs/evaluate/{dataset}-teacher.log",
+    benchmark:
+        "benchmarks/evaluate/{dataset}-teacher.tsv"
     localrule: True
     threads: launch_threads("evaluate")
     resources:
@@ -79,6 +85,8 @@ rule summarize:
         settings=lambda w: settings(w.dataset),
     log:
         "logs/summarize/{dataset}/{model}.log",
+    benchmark:
+        "benchmarks/summarize/{dataset}/{model}.tsv"
     localrule: True
     shell:
         "sidcore summarize --settings {params.settings:q} --runs {input} --out {output} > {log} 2>&1"

@@ -1,60 +1,22 @@
-# Comparison tables (ours next to the paper's numbers) and FID-versus-images plots, marked for
-# `snakemake --report report.html` (captions in workflow/report/).
+# Comparison tables (ours next to the paper's numbers), FID-versus-images plots, the α ablation, the cost
+# table, sample figures and the claims, marked for `snakemake --report report.html` (captions in
+# workflow/report/). Their input functions live in common.smk.
 
 report: "../report/workflow.rst"
-
-
-def summaries_of_table(w):
-    check_target(w)
-    out = []
-    for dataset in datasets_of_tables([w.table]):
-        if "teacher_eval" in DATASETS[dataset]:
-            out.append(f"results/{dataset}/teacher/eval/summary.json")
-        out += [f"{run_dir(dataset, m, a)}/eval/summary.json" for m, a in runs(dataset)]
-        out += [f"results/{dataset}/released/{m}/alpha{a}/eval/summary.json" for m, a in released_runs(dataset)]
-    return out
-
-
-def plot_inputs(w):
-    check_target(w)
-    inputs = {"logs": [f"{run_dir(w.dataset, m, a)}/log.jsonl" for m, a in runs(w.dataset)]}
-    if "teacher_eval" in DATASETS[w.dataset]:
-        inputs["teacher"] = f"results/{w.dataset}/teacher/eval/summary.json"
-    return inputs
-
-
-def plot_args(w, input) -> str:
-    """The runs' curves, and what identifies the dataset's paper numbers (its table and EDM2 size)."""
-    d = DATASETS[w.dataset]
-    args = [f"--run {m} {a} {log}" for (m, a), log in zip(runs(w.dataset), input.logs)]
-    args.append(f"--table {d['table']}")
-    if "size" in d:
-        args.append(f"--size {d['size']}")
-    if "teacher" in input.keys():
-        args.append(f"--teacher-summary {input.teacher}")
-    return " ".join(args)
-
-
-def table_report(path, kind):
-    """A table output for the report: category Tables, one subcategory per table."""
-    return report(path, caption="../report/table.rst", category="Tables", subcategory="{table}",
-                  labels={"table": "{table}", "file": kind})
-
-
-def plot_report(path, kind):
-    """A plot output for the report: one subcategory per dataset."""
-    return report(path, caption="../report/plot.rst", category="FID against images seen", subcategory="{dataset}",
-                  labels={"dataset": "{dataset}", "file": kind})
 
 
 rule tabulate:
     input:
         summaries_of_table,
+    wildcard_constraints:
+        table=r"(?!alpha-ablation-|cost\.)[A-Za-z0-9_.-]+",  # not the tables of alpha_ablation and cost
     output:
         csv=table_report("results/tables/{table}.csv", "CSV"),
         md=table_report("results/tables/{table}.md", "Markdown"),
     log:
         "logs/tabulate/{table}.log",
+    benchmark:
+        "benchmarks/tabulate/{table}.tsv"
     localrule: True
     shell:
         "sidcore tabulate --table {wildcards.table} --summaries {input} --out {output.csv} > {log} 2>&1"
@@ -63,6 +25,8 @@ rule tabulate:
 rule plot:
     input:
         unpack(plot_inputs),
+    wildcard_constraints:
+        dataset="(?!alpha-ablation-)[a-z0-9][a-z0-9_.-]*",
     output:
         png=plot_report("results/plots/{dataset}.png", "PNG"),
         pdf=plot_report("results/plots/{dataset}.pdf", "PDF"),
@@ -70,6 +34,97 @@ rule plot:
         args=plot_args,
     log:
         "logs/plot/{dataset}.log",
+    benchmark:
+        "benchmarks/plot/{dataset}.tsv"
     localrule: True
     shell:
         "sidcore plot --title {wildcards.dataset} {params.args} --out {output.png} > {log} 2>&1"
+
+
+# The α ablation (config `ablation`): FID and IS against images seen, one curve per α, per method.
+rule alpha_ablation:
+    input:
+        ablation_logs,
+    output:
+        csv=table_report("results/tables/alpha-ablation-{dataset}.csv", "CSV", "ablation.rst", "dataset"),
+        md=table_report("results/tables/alpha-ablation-{dataset}.md", "Markdown", "ablation.rst", "dataset"),
+        png=plot_report("results/plots/alpha-ablation-{dataset}.png", "PNG", "ablation.rst"),
+        pdf=plot_report("results/plots/alpha-ablation-{dataset}.pdf", "PDF", "ablation.rst"),
+    params:
+        args=lambda w, input: " ".join(f"--run {m} {a} {log}" for (m, a), log in zip(runs(w.dataset, "ablation"), input)),
+    log:
+        "logs/alpha_ablation/{dataset}.log",
+    benchmark:
+        "benchmarks/alpha_ablation/{dataset}.tsv"
+    localrule: True
+    shell:
+        "sidcore ablation --title {wildcards.dataset} {params.args} --out {output.csv} --plot {output.png} > {log} 2>&1"
+
+
+# What each distillation of the configured tables cost, beside Table 8 of the SiDA paper.
+rule cost:
+    input:
+        unpack(cost_inputs),
+    output:
+        csv=report("results/tables/cost.csv", caption="../report/cost.rst", category="Tables", subcategory="cost",
+                   labels={"table": "cost", "file": "CSV"}),
+        md=report("results/tables/cost.md", caption="../report/cost.rst", category="Tables", subcategory="cost",
+                  labels={"table": "cost", "file": "Markdown"}),
+    params:
+        args=cost_args,
+    log:
+        "logs/cost.log",
+    benchmark:
+        "benchmarks/cost.tsv"
+    localrule: True
+    shell:
+        "sidcore cost {params.args} --out {output.csv} > {log} 2>&1"
+
+
+# One-step samples of a run's generator with fixed seeds, beside the teacher's (where teacher_eval is set).
+rule figure:
+    input:
+        unpack(figure_inputs),
+    output:
+        report("results/figures/{dataset}-{method}-alpha{alpha}.png", caption="../report/figure.rst",
+               category="Samples", subcategory="{dataset}", labels={"dataset": "{dataset}", "run": "{method} α {alpha}"}),
+    params:
+        **launch_params("figure"),
+        settings=lambda w: settings(w.dataset, w.method, w.alpha),
+        teacher=lambda w, input: f"--teacher {input.teacher}" if "teacher" in input.keys() else "",
+        extra=lambda w, input: eval_args(w, input),
+        figure=lambda w: "--seed {seed} --rows {rows} --cols {cols}".format(**config["figures"]),
+    log:
+        "logs/figure/{dataset}-{method}-alpha{alpha}.log",
+    benchmark:
+        "benchmarks/figure/{dataset}-{method}-alpha{alpha}.tsv"
+    localrule: True
+    threads: launch_threads("evaluate", single=True)
+    resources:
+        **gpu_resources("evaluate", single=True),
+    shell:
+        LAUNCH + " --"
+        " figure --settings {params.settings:q} --generator {input.generator} {params.teacher} --data {input.data}"
+        " {params.extra} {params.figure} --out {output} > {log} 2>&1"
+
+
+# The papers' claims (a)–(e) tested on one experiment against criteria fixed in advance (sidcore claims).
+rule claims:
+    input:
+        unpack(claims_inputs),
+    output:
+        csv=report("results/claims/{dataset}.csv", caption="../report/claims.rst", category="Claims",
+                   subcategory="{dataset}", labels={"dataset": "{dataset}", "file": "CSV"}),
+        md=report("results/claims/{dataset}.md", caption="../report/claims.rst", category="Claims",
+                  subcategory="{dataset}", labels={"dataset": "{dataset}", "file": "Markdown"}),
+        png=report("results/claims/{dataset}.png", caption="../report/claims.rst", category="Claims",
+                   subcategory="{dataset}", labels={"dataset": "{dataset}", "file": "PNG"}),
+    params:
+        args=claims_args,
+    log:
+        "logs/claims/{dataset}.log",
+    benchmark:
+        "benchmarks/claims/{dataset}.tsv"
+    localrule: True
+    shell:
+        "sidcore claims --title {wildcards.dataset} {params.args} --out {output.csv} --plot {output.png} > {log} 2>&1"

@@ -14,6 +14,8 @@ rule download:
         key="{key}",
     log:
         "logs/download/{key}.log",
+    benchmark:
+        "benchmarks/download/{key}.tsv"
     localrule: True
     shell:
         "sidcore download {params.key:q} --out {output:q} --lock {LOCK} > {log:q} 2>&1"
@@ -29,6 +31,8 @@ rule prepare_data:
         args=lambda w: prepare_args(w.data),
     log:
         "logs/prepare_data/{data}.log",
+    benchmark:
+        "benchmarks/prepare_data/{data}.tsv"
     resources:
         **cpu_resources(),
     shell:
@@ -49,6 +53,8 @@ rule encode_latents:
         args=lambda w: prepare_args(w.data),
     log:
         "logs/encode_latents/{data}.log",
+    benchmark:
+        "benchmarks/encode_latents/{data}.tsv"
     localrule: True
     threads: launch_threads("encode")
     resources:
@@ -69,6 +75,8 @@ rule convert_teacher:
         network=lambda w: network_json(f"teacher/{w.name}"),
     log:
         "logs/convert/teacher-{name}.log",
+    benchmark:
+        "benchmarks/convert/teacher-{name}.tsv"
     resources:
         **cpu_resources(),
     shell:
@@ -86,6 +94,8 @@ use rule convert_teacher as convert_generator with:
         network=lambda w: network_json(f"{w.family}/{w.name}", generator=True),
     log:
         "logs/convert/generator-{family}-{name}.log",
+    benchmark:
+        "benchmarks/convert/generator-{family}-{name}.tsv"
 
 
 rule train_teacher:
@@ -97,6 +107,8 @@ rule train_teacher:
         settings=lambda w: settings(w.dataset, stage="train_teacher"),
     log:
         "logs/train_teacher/{dataset}.log",
+    benchmark:
+        "benchmarks/train_teacher/{dataset}.tsv"
     resources:
         **cpu_resources(),
     shell:
@@ -113,6 +125,8 @@ rule compute_reference:
         detector=lambda w: DATASETS[w.dataset]["detector"]["name"],
     log:
         "logs/compute_reference/{dataset}.log",
+    benchmark:
+        "benchmarks/compute_reference/{dataset}.tsv"
     resources:
         **cpu_resources(),
     shell:
@@ -129,6 +143,8 @@ rule train_detector:
         epochs=lambda w: DATASETS[w.dataset]["detector"].get("epochs", 20),
     log:
         "logs/train_detector/{dataset}.log",
+    benchmark:
+        "benchmarks/train_detector/{dataset}.tsv"
     resources:
         **cpu_resources(),
     shell:

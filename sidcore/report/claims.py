@@ -1,0 +1,216 @@
+"""``sidcore claims``: the papers' claims tested on one experiment's runs, each against a criterion fixed
+in advance (below), with the measured numbers and whether it held.
+
+(a) SiD's FID falls "exponentially fast": its in-training FID against images seen is close to a straight
+    line on log-log axes. Fit log10 FID = c + b·log10 images by least squares over the evaluations after
+    tick 0 up to the lowest FID; held if b < 0 and R² ≥ 0.90.
+(b) SiD in one step reaches the teacher: the 10-run mean FID of the best SiD run (lowest mean over its α)
+    is at most the teacher's mean plus the larger of the two standard deviations.
+(c) SiDA is faster and ends at or below SiD: with F* = 1.1 × the best SiD run's lowest in-training FID,
+    SiDA (α = 1.0) reaches F* after fewer images than that SiD run, and its 10-run mean is at most SiD's
+    plus the larger standard deviation.
+(d) SiD²A improves on the SiD generator it starts from: for every SiD²A α, its 10-run mean is below the
+    starting generator's by more than the larger standard deviation.
+(e) The α ablation ranks α as the SiDA paper: among the ablation's SiDA runs, α = 1.0 has the lowest FID at
+    the last evaluation of the budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sidcore.report import markdown
+from sidcore.report.logs import curve, read_log
+from sidcore.report.names import alpha_text, method_label
+from sidcore.report.plot import save_atomic
+
+R2_MIN = 0.90  # (a)
+REACH = 1.1    # (c): F* = REACH × SiD's lowest in-training FID
+SIDA_ALPHA = 1.0  # (c), (e): the α the SiDA paper picks
+
+
+@dataclass
+class Run:
+    method: str
+    alpha: float
+    images: list[float]
+    fids: list[float]
+    ticks: list[int]
+    mean: float | None = None
+    std: float | None = None
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method, self.alpha)
+
+
+def load_run(method: str, alpha: str, log: str, summary: str | None) -> Run:
+    records = read_log(log)
+    images, fids = curve(records, "fid", log)
+    ticks = [r["tick"] for r in records if r.get("fid") is not None and r["kimg"] > 0]
+    run = Run(method, float(alpha), images, fids, ticks)
+    if summary is not None:
+        fid = json.loads(Path(summary).read_text())["metrics"]["fid"]
+        run.mean, run.std = fid["mean"], fid["std"]
+    return run
+
+
+def loglog_fit(run: Run) -> dict:
+    """Least squares of log10 FID on log10 images over the evaluations after tick 0 up to the lowest FID."""
+    last = int(np.argmin(run.fids))
+    points = [(i, f) for i, f, t in zip(run.images[: last + 1], run.fids[: last + 1], run.ticks) if t > 0]
+    if len(points) < 3:
+        raise ValueError(f"{run.label}: {len(points)} in-training evaluations after tick 0 up to the lowest FID; "
+                         "(a) needs at least 3")
+    x, y = np.log10([p[0] for p in points]), np.log10([p[1] for p in points])
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    r2 = 1 - float(residual @ residual) / float(((y - y.mean()) ** 2).sum())
+    return {"slope": float(slope), "intercept": float(intercept), "r2": r2, "points": len(points),
+            "from": points[0][0], "to": points[-1][0]}
+
+
+def first_reaching(run: Run, level: float) -> float | None:
+    """Images seen at the first in-training evaluation with FID ≤ ``level``."""
+    return next((i for i, f in zip(run.images, run.fids) if f <= level), None)
+
+
+def _ms(run: Run) -> str:
+    return f"{run.mean:.3f} ± {run.std:.3f}"
+
+
+def evaluate_claims(teacher: dict, sid: list[Run], sida: Run, sid2a: list[Run], init: Run,
+                    ablation: list[Run]) -> tuple[list[dict], dict]:
+    """The rows of the claims table and what the plot needs."""
+    best = min(sid, key=lambda r: r.mean)
+    fit = loglog_fit(best)
+    t_mean, t_std = teacher["mean"], teacher["std"]
+    rows = [{
+        "claim": "a", "statement": "SiD's FID against images seen is a straight line on log-log axes",
+        "criterion": f"fit over evaluations after tick 0 up to the lowest FID: slope < 0 and R² ≥ {R2_MIN}",
+        "measured": f"{best.label}: log10 FID = {fit['intercept']:.3f} {fit['slope']:+.3f}·log10 images, "
+                    f"R² = {fit['r2']:.3f} over {fit['points']} evaluations ({fit['from']:.0f}–{fit['to']:.0f} images)",
+        "held": fit["slope"] < 0 and fit["r2"] >= R2_MIN}]
+    gap = max(best.std, t_std)
+    rows.append({
+        "claim": "b", "statement": "SiD in one step reaches the teacher's FID or passes it",
+        "criterion": "best SiD mean ≤ teacher mean + the larger std",
+        "measured": f"{best.label}: {_ms(best)}; teacher ({teacher['nfe']} NFE): {t_mean:.3f} ± {t_std:.3f}",
+        "held": best.mean <= t_mean + gap})
+    level = REACH * min(best.fids)
+    n_sid, n_sida = first_reaching(best, level), first_reaching(sida, level)
+    ends = sida.mean <= best.mean + max(sida.std, best.std)
+    faster = n_sida is not None and n_sid is not None and n_sida < n_sid
+    speedup = f", {n_sid / n_sida:.1f}× fewer" if faster else ""
+    rows.append({
+        "claim": "c", "statement": "SiDA needs fewer images than SiD to reach a given FID, and ends at or below it",
+        "criterion": f"first in-training FID ≤ F* = {REACH} × SiD's lowest ({level:.3f}) after fewer images; "
+                     "SiDA mean ≤ SiD mean + the larger std",
+        "measured": f"images to F*: {best.label} {_images(n_sid)}, {sida.label} {_images(n_sida)}{speedup}; "
+                    f"10-run FID: {best.label} {_ms(best)}, {sida.label} {_ms(sida)}",
+        "held": faster and ends})
+    improved = [r for r in sid2a if r.mean < init.mean - max(r.std, init.std)]
+    rows.append({
+        "claim": "d", "statement": "SiD²A ends below the SiD generator it starts from",
+        "criterion": "every SiD²A α: mean < start's mean − the larger std",
+        "measured": f"start {init.label}: {_ms(init)}; " + "; ".join(f"{r.label}: {_ms(r)}" for r in sid2a),
+        "held": len(improved) == len(sid2a)})
+    finals = sorted((r.fids[-1] if math.isfinite(r.fids[-1]) else math.inf, r.alpha) for r in ablation)
+    ranking = " < ".join(f"α {alpha_text(a)} ({f:.3f})" for f, a in finals)
+    rows.append({
+        "claim": "e", "statement": "the α ablation ranks α as the SiDA paper (α = 1.0 best)",
+        "criterion": f"among the ablation's SiDA runs, α = {alpha_text(SIDA_ALPHA)} has the lowest FID at the last "
+                     "evaluation",
+        "measured": f"final in-training FID at {ablation[0].images[-1]:.0f} images: {ranking}",
+        "held": finals[0][1] == SIDA_ALPHA and math.isfinite(finals[0][0])})
+    return rows, {"best": best, "fit": fit, "level": level}
+
+
+def _images(n: float | None) -> str:
+    return "never" if n is None else f"{n:.0f}"
+
+
+def figure(teacher: dict, sid: list[Run], sida: Run, sid2a: list[Run], init: Run, extra: dict, title: str) -> Figure:
+    """(a) SiD's curve and its fit; (b, c) SiD, SiDA, the teacher and F*; (d) SiD²A against its start."""
+    fig = Figure(figsize=(15.0, 4.4))
+    FigureCanvasAgg(fig)
+    ax_a, ax_c, ax_d = fig.subplots(1, 3)
+    best, fit = extra["best"], extra["fit"]
+    ax_a.plot(best.images, best.fids, "o-", markersize=3, label=best.label)
+    xs = np.array([fit["from"], fit["to"]])
+    ax_a.plot(xs, 10 ** (fit["intercept"] + fit["slope"] * np.log10(xs)), "k--",
+              label=f"fit: slope {fit['slope']:.2f}, R² {fit['r2']:.3f}")
+    ax_a.set_title("(a) SiD: FID against images seen")
+    for r in sid:
+        ax_c.plot(r.images, r.fids, "o-", markersize=3, label=r.label)
+    ax_c.plot(sida.images, sida.fids, "o-", markersize=3, label=sida.label)
+    ax_c.axhline(teacher["mean"], color="black", linestyle="--", linewidth=1,
+                 label=f"Teacher, {teacher['nfe']} NFE: {teacher['mean']:.2f} (10 runs)")
+    ax_c.axhline(extra["level"], color="grey", linestyle=":", linewidth=1, label=f"F* = {extra['level']:.2f}")
+    ax_c.set_title("(b, c) SiD and SiDA")
+    for r in sid2a:
+        ax_d.plot(r.images, r.fids, "o-", markersize=3, label=r.label)
+    ax_d.axhline(init.mean, color="black", linestyle="--", linewidth=1,
+                 label=f"start, {init.label}: {init.mean:.2f} (10 runs)")
+    ax_d.set_title("(d) SiD²A from SiD")
+    for ax in (ax_a, ax_c, ax_d):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("images seen")
+        ax.set_ylabel("in-training FID")
+        ax.grid(True, which="both", linewidth=0.5, alpha=0.5)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def run(args: argparse.Namespace) -> int:
+    teacher = json.loads(args.teacher_summary.read_text())
+    teacher = {"nfe": teacher["nfe"], **{k: teacher["metrics"]["fid"][k] for k in ("mean", "std")}}
+    runs = [load_run(*values) for values in args.run]
+    by = {m: [r for r in runs if r.method == m] for m in ("sid", "sida", "sid2a")}
+    for method, found in by.items():
+        if not found:
+            raise ValueError(f"claims: no {method} run given (--run {method} ALPHA LOG SUMMARY)")
+    sida = next((r for r in by["sida"] if r.alpha == SIDA_ALPHA), None)
+    init = next((r for r in by["sid"] if r.alpha == args.sid2a_init_alpha), None)
+    ablation = [load_run("sida", a, log, None) for a, log in args.ablation]
+    if sida is None or init is None or not ablation:
+        raise ValueError(f"claims: need SiDA at α {SIDA_ALPHA}, the SiD run SiD²A starts from (α "
+                         f"{args.sid2a_init_alpha}) and the SiDA α ablation (--ablation)")
+    rows, extra = evaluate_claims(teacher, by["sid"], sida, by["sid2a"], init, ablation)
+    frame = pd.DataFrame(rows)
+    frame["held"] = frame["held"].map({True: "held", False: "not held"})
+    notes = ["Criteria fixed before the experiment ran (sidcore/report/claims.py). Means ± sample stds are over "
+             "the 10 independent evaluation runs; in-training FIDs are single evaluations of G_ema on fewer images."]
+    markdown.save(frame, args.out, f"The papers' claims on {args.title}", notes)
+    save_atomic(figure(teacher, by["sid"], sida, by["sid2a"], init, extra, args.title), args.plot)
+    for row in rows:
+        print(f"({row['claim']}) {'held' if row['held'] else 'NOT held'}: {row['measured']}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "claims", help="test the papers' claims on one experiment",
+        description="Test claims (a)-(e) of the SiD / SiDA papers on one experiment's runs against criteria "
+                    "fixed in advance (see the module); write CSV, Markdown and a PNG.")
+    parser.add_argument("--teacher-summary", required=True, type=Path, help="the teacher's eval/summary.json")
+    parser.add_argument("--run", action="append", nargs=4, required=True,
+                        metavar=("METHOD", "ALPHA", "LOG", "SUMMARY"), help="a run's log.jsonl and eval/summary.json")
+    parser.add_argument("--sid2a-init-alpha", required=True, type=float, help="α of the SiD run SiD²A starts from")
+    parser.add_argument("--ablation", action="append", nargs=2, default=[], metavar=("ALPHA", "LOG"),
+                        help="a SiDA run of the α ablation (repeatable)")
+    parser.add_argument("--title", default="")
+    parser.add_argument("--out", required=True, type=Path, help="CSV to write; the Markdown goes beside it")
+    parser.add_argument("--plot", required=True, type=Path, help="PNG to write")
+    parser.set_defaults(func=run)

@@ -1,0 +1,31 @@
+"""A distillation's progress log (``log.jsonl``: one JSON record per tick) as the reports read it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The tick records of ``path``, in order."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"{path}, line {number}: not a JSON record") from None
+    if not records:
+        raise ValueError(f"{path}: no tick records")
+    return records
+
+
+def curve(records: list[dict], metric: str, where: str) -> tuple[list[float], list[float]]:
+    """Images seen and in-training ``metric`` of every record that carries it (images seen > 0)."""
+    images, values = [], []
+    for record in records:
+        if record.get(metric) is not None and record["kimg"] > 0:
+            images.append(record["kimg"] * 1000)
+            values.append(float(record[metric]))
+    if not values:
+        raise ValueError(f"{where}: no in-training {metric} values (at images seen > 0)")
+    return images, values
