@@ -67,7 +67,7 @@ def test_tiny_experiment_end_to_end(tmp_path):
     assert (tmp_path / "benchmarks/distill/tiny-sid-alpha1.2.tsv").is_file()
 
     # The ablation, cost and claims targets through the same rules.
-    r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "short.yaml", *STUDIES],
+    r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *STUDIES, "--configfile", "short.yaml"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=1500, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     with open(tmp_path / "results/tables/alpha-ablation-tiny.csv") as f:
@@ -76,11 +76,11 @@ def test_tiny_experiment_end_to_end(tmp_path):
     assert (tmp_path / "results/plots/alpha-ablation-tiny.pdf").stat().st_size > 1000
     with open(tmp_path / "results/tables/cost.csv") as f:
         cost = list(csv.DictReader(f))
-    assert [(row["method"], row["alpha"]) for row in cost] == [
+    assert sorted((row["method"], row["alpha"]) for row in cost) == [
         ("SiD", "1.0"), ("SiD", "1.2"), ("SiDA", "1.0"), ("SiD²A", "1.0"), ("SiD²A", "1.2")]
     assert all(row["device"] == "cpu" and row["GPUs"] == "2" and float(row["s / 1k images"]) > 0 and
                float(row["job wall time (h)"]) > 0 for row in cost)
     with open(tmp_path / "results/claims/tiny.csv") as f:
         verdicts = list(csv.DictReader(f))
     assert [row["claim"] for row in verdicts] == list("abcde")
-    assert all(row["held"] in ("held", "not held") for row in verdicts)
+    assert all(row["held"] in ("held", "not held", "untestable") for row in verdicts)

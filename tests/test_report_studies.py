@@ -136,6 +136,12 @@ def test_claims_fail_on_the_criteria_stated(tmp_path: Path) -> None:
     held = {r["claim"]: r["held"] for r in rows}
     assert held == {"a": True, "b": True, "c": False, "d": False, "e": False}
     assert "SiDA, α = 1.0 never" in rows[2]["measured"]
+    # Too few evaluations to fit: (a) is untestable, not failed.
+    teacher, sid, *rest = claims_setup(tmp_path, sida_curve, 4.6, {1.0: 4.5}, {1.0: 6.0})
+    sid[0].images, sid[0].fids, sid[0].ticks = sid[0].images[:3], [120.0, 30.0, 20.0], [0, 1, 2]
+    rows, extra = claims.evaluate_claims(teacher, sid, *rest)
+    assert rows[0]["held"] is None and "too few to fit" in rows[0]["measured"] and extra["fit"] is None
+    claims.figure(teacher, sid, rest[0], rest[1], rest[2], extra, "t")  # draws without the fit
     # SiD 2 stds above the teacher: (b) fails; a curve that bends up before its minimum fails (a).
     teacher, sid, *rest = claims_setup(tmp_path, sida_curve, 4.6, {1.0: 4.5}, {1.0: 6.0})
     sid[0].mean = 5.0 + 2 * 0.3 + 0.01

@@ -35,6 +35,7 @@ from sidcore.report.plot import save_atomic
 R2_MIN = 0.90  # (a)
 REACH = 1.1    # (c): F* = REACH × SiD's lowest in-training FID
 SIDA_ALPHA = 1.0  # (c), (e): the α the SiDA paper picks
+VERDICTS = {True: "held", False: "not held", None: "untestable"}  # untestable: too few evaluations to decide
 
 
 @dataclass
@@ -63,13 +64,13 @@ def load_run(method: str, alpha: str, log: str, summary: str | None) -> Run:
     return run
 
 
-def loglog_fit(run: Run) -> dict:
-    """Least squares of log10 FID on log10 images over the evaluations after tick 0 up to the lowest FID."""
+def loglog_fit(run: Run) -> dict | None:
+    """Least squares of log10 FID on log10 images over the evaluations after tick 0 up to the lowest FID; None
+    with fewer than 3 such evaluations."""
     last = int(np.argmin(run.fids))
     points = [(i, f) for i, f, t in zip(run.images[: last + 1], run.fids[: last + 1], run.ticks) if t > 0]
     if len(points) < 3:
-        raise ValueError(f"{run.label}: {len(points)} in-training evaluations after tick 0 up to the lowest FID; "
-                         "(a) needs at least 3")
+        return None
     x, y = np.log10([p[0] for p in points]), np.log10([p[1] for p in points])
     slope, intercept = np.polyfit(x, y, 1)
     residual = y - (intercept + slope * x)
@@ -97,8 +98,9 @@ def evaluate_claims(teacher: dict, sid: list[Run], sida: Run, sid2a: list[Run], 
         "claim": "a", "statement": "SiD's FID against images seen is a straight line on log-log axes",
         "criterion": f"fit over evaluations after tick 0 up to the lowest FID: slope < 0 and R² ≥ {R2_MIN}",
         "measured": f"{best.label}: log10 FID = {fit['intercept']:.3f} {fit['slope']:+.3f}·log10 images, "
-                    f"R² = {fit['r2']:.3f} over {fit['points']} evaluations ({fit['from']:.0f}–{fit['to']:.0f} images)",
-        "held": fit["slope"] < 0 and fit["r2"] >= R2_MIN}]
+                    f"R² = {fit['r2']:.3f} over {fit['points']} evaluations ({fit['from']:.0f}–{fit['to']:.0f} images)"
+        if fit else f"{best.label}: fewer than 3 evaluations after tick 0 up to the lowest FID, too few to fit",
+        "held": fit["slope"] < 0 and fit["r2"] >= R2_MIN if fit else None}]
     gap = max(best.std, t_std)
     rows.append({
         "claim": "b", "statement": "SiD in one step reaches the teacher's FID or passes it",
@@ -145,9 +147,10 @@ def figure(teacher: dict, sid: list[Run], sida: Run, sid2a: list[Run], init: Run
     ax_a, ax_c, ax_d = fig.subplots(1, 3)
     best, fit = extra["best"], extra["fit"]
     ax_a.plot(best.images, best.fids, "o-", markersize=3, label=best.label)
-    xs = np.array([fit["from"], fit["to"]])
-    ax_a.plot(xs, 10 ** (fit["intercept"] + fit["slope"] * np.log10(xs)), "k--",
-              label=f"fit: slope {fit['slope']:.2f}, R² {fit['r2']:.3f}")
+    if fit:
+        xs = np.array([fit["from"], fit["to"]])
+        ax_a.plot(xs, 10 ** (fit["intercept"] + fit["slope"] * np.log10(xs)), "k--",
+                  label=f"fit: slope {fit['slope']:.2f}, R² {fit['r2']:.3f}")
     ax_a.set_title("(a) SiD: FID against images seen")
     for r in sid:
         ax_c.plot(r.images, r.fids, "o-", markersize=3, label=r.label)
@@ -189,13 +192,13 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.sid2a_init_alpha}) and the SiDA α ablation (--ablation)")
     rows, extra = evaluate_claims(teacher, by["sid"], sida, by["sid2a"], init, ablation)
     frame = pd.DataFrame(rows)
-    frame["held"] = frame["held"].map({True: "held", False: "not held"})
+    frame["held"] = frame["held"].map(VERDICTS)
     notes = ["Criteria fixed before the experiment ran (sidcore/report/claims.py). Means ± sample stds are over "
              "the 10 independent evaluation runs; in-training FIDs are single evaluations of G_ema on fewer images."]
     markdown.save(frame, args.out, f"The papers' claims on {args.title}", notes)
     save_atomic(figure(teacher, by["sid"], sida, by["sid2a"], init, extra, args.title), args.plot)
     for row in rows:
-        print(f"({row['claim']}) {'held' if row['held'] else 'NOT held'}: {row['measured']}")
+        print(f"({row['claim']}) {VERDICTS[row['held']]}: {row['measured']}")
     return 0
 
 
