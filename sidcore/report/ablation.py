@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from sidcore.report import markdown
 from sidcore.report.logs import curve, read_log
-from sidcore.report.names import DISTILLATION_METHODS, METHOD_NAMES, alpha_text, method_label
+from sidcore.report.names import DISTILLATION_METHODS, METHOD_NAMES, alpha_text
 from sidcore.report.plot import parse_run, save_atomic
 
 METRIC_AXES = {"fid": ("FID", "log"), "is": ("IS", "linear")}
@@ -39,9 +39,10 @@ def metrics_logged(runs: list[dict]) -> list[str]:
 
 
 def table(runs: list[dict]) -> pd.DataFrame:
-    """One row per (method, α): the metrics at the last evaluation, and the lowest FID and where it was."""
+    """One row per (method, α) in method order, then α: the metrics at the last evaluation, and the lowest FID
+    and where it was."""
     rows = []
-    for run in runs:
+    for run in sorted(runs, key=lambda r: (DISTILLATION_METHODS.index(r["method"]), r["alpha"])):
         images, fids = curve(run["records"], "fid", run["method"])
         best = min(range(len(fids)), key=fids.__getitem__)
         diverged = not all(math.isfinite(f) for f in fids)
@@ -52,13 +53,7 @@ def table(runs: list[dict]) -> pd.DataFrame:
             row["final IS"] = round(curve(run["records"], "is", run["method"])[1][-1], 3)
         row["status"] = "diverged (non-finite FID)" if diverged else "finite"
         rows.append(row)
-    frame = pd.DataFrame(rows)
-    return frame.sort_values(["method", "alpha"], key=lambda c: c.map(_order), kind="stable").reset_index(drop=True)
-
-
-def _order(value: str):
-    names = [METHOD_NAMES[m] for m in DISTILLATION_METHODS]
-    return names.index(value) if value in names else float(value)
+    return pd.DataFrame(rows)
 
 
 def figure(runs: list[dict], title: str) -> Figure:

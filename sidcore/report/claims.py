@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sidcore.report import markdown
-from sidcore.report.logs import curve, read_log
+from sidcore.report.logs import evaluated, read_log
 from sidcore.report.names import alpha_text, method_label
 from sidcore.report.plot import save_atomic
 
@@ -54,10 +54,9 @@ class Run:
 
 
 def load_run(method: str, alpha: str, log: str, summary: str | None) -> Run:
-    records = read_log(log)
-    images, fids = curve(records, "fid", log)
-    ticks = [r["tick"] for r in records if r.get("fid") is not None and r["kimg"] > 0]
-    run = Run(method, float(alpha), images, fids, ticks)
+    points = evaluated(read_log(log), "fid", log)
+    run = Run(method, float(alpha), [r["kimg"] * 1000 for r in points], [float(r["fid"]) for r in points],
+              [r["tick"] for r in points])
     if summary is not None:
         fid = json.loads(Path(summary).read_text())["metrics"]["fid"]
         run.mean, run.std = fid["mean"], fid["std"]

@@ -20,6 +20,7 @@ from sidcore.latent import load_vae
 from sidcore.report.names import method_label
 from sidcore.report.plot import save_atomic
 from sidcore.sampling import LabelSampler, heun, image_grid, noise, one_step, to_pixels
+from sidcore.settings import loads
 
 
 PAD = 1  # grey pixels around each image of a grid
@@ -64,8 +65,6 @@ def figure(panels: list[tuple[str, torch.Tensor]], title: str) -> Figure:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sidcore.settings import loads
-
     settings = loads(args.settings)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     panels = grids(settings, args.generator, args.teacher, args.data, args.vae, args.seed, args.rows, args.cols,

@@ -19,13 +19,15 @@ def read_log(path: str | Path) -> list[dict]:
     return records
 
 
+def evaluated(records: list[dict], metric: str, where: str) -> list[dict]:
+    """The records that carry an in-training ``metric`` (at images seen > 0)."""
+    out = [record for record in records if record.get(metric) is not None and record["kimg"] > 0]
+    if not out:
+        raise ValueError(f"{where}: no in-training {metric} values (at images seen > 0)")
+    return out
+
+
 def curve(records: list[dict], metric: str, where: str) -> tuple[list[float], list[float]]:
     """Images seen and in-training ``metric`` of every record that carries it (images seen > 0)."""
-    images, values = [], []
-    for record in records:
-        if record.get(metric) is not None and record["kimg"] > 0:
-            images.append(record["kimg"] * 1000)
-            values.append(float(record[metric]))
-    if not values:
-        raise ValueError(f"{where}: no in-training {metric} values (at images seen > 0)")
-    return images, values
+    points = evaluated(records, metric, where)
+    return [r["kimg"] * 1000 for r in points], [float(r[metric]) for r in points]
