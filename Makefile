@@ -1,11 +1,12 @@
 # make demo  - install into .venv and run the tiny experiment (results/tables/tiny.csv, results/plots/tiny.png)
 # make test  - install into .venv and run every test (the fast ones and those marked slow)
+# make lint  - ruff on the package and tests, snakefmt and Snakemake's linter on the workflow
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo test test-fast clean-demo
+.PHONY: install demo test test-fast lint clean-demo
 
 install: $(VENV)/.installed
 
@@ -20,6 +21,11 @@ demo: install
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "slow or not slow" -q --durations=25
+
+lint: install
+	$(BIN)/ruff check sidcore tests
+	$(BIN)/snakefmt --check Snakefile workflow
+	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --lint
 
 test-fast: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

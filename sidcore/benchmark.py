@@ -13,16 +13,20 @@ CPU, CUDA max allocated on a GPU) is its own. Random weights and data: speed doe
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from sidcore import config
+from sidcore.errors import UserError
+from sidcore.settings import resolve
 
 LAYOUTS = {
     "tiny": dict(arch="ddpmpp", img_resolution=8, img_channels=1, label_dim=10, model_channels=16,
@@ -31,19 +35,20 @@ LAYOUTS = {
                     channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], augment_dim=0, dropout=0.0),
 }
 BATCH = {"tiny": 64, "cifar10": 8}
+CONFIG = "config.yaml"  # read from the repository root, where the benchmark runs
 
 
 def _settings(layout: str, method: str, batch: int) -> dict:
+    """The tiny experiment's settings (config.yaml) with the layout's network, at ``batch`` on one process, in
+    the method's last stage and never evaluating or saving."""
     net = LAYOUTS[layout]
-    d = dict(batch=batch, batch_gpu=batch, lr=1e-5, glr=1e-5, g_beta1=0.0, fp16=False, dropout=0.0, augment=0.0,
-             ema_halflife_kimg=500, ema_rampup=0.05, init_sigma=2.5, tmax=800, P_mean=-1.2, P_std=1.2,
-             loss_scaling=1, loss_scaling_G=100, loss_scaling_D=1, loss_scaling_G_gan=0.01,
-             clip_fake_grad=1.0 if method == "sida" else None, stage_kimg=[0, 0], duration_kimg=1e9, tick_kimg=1e9,
-             snap_ticks=1 << 30, eval_early_ticks=[], dump_ticks=1 << 30, keep_snapshots=1, eval_images=0, seed=0)
+    tiny = resolve(config.load(CONFIG), "tiny", method, 1.2)
+    distill = replace(tiny["distill"], batch=batch, batch_gpu=batch, clip_fake_grad=1.0 if method == "sida" else None,
+                      stage_kimg=(0, 0), duration_kimg=1e9, tick_kimg=1e9, snap_ticks=1 << 30, eval_early_ticks=(),
+                      dump_ticks=1 << 30, seed=0)
     network = {k: v for k, v in net.items() if k not in ("img_resolution", "img_channels", "label_dim")}
-    return {"dataset": f"benchmark-{layout}", "method": method, "alpha": 1.2, "init": "teacher",
-            "adversarial": method == "sida", "network": network, "distill": d, "resolution": net["img_resolution"],
-            "channels": net["img_channels"], "label_dim": net["label_dim"]}
+    return {**tiny, "dataset": f"benchmark-{layout}", "network": network, "distill": distill,
+            "resolution": net["img_resolution"], "channels": net["img_channels"], "label_dim": net["label_dim"]}
 
 
 def _median_seconds(fns: dict, device: torch.device, repeats: int) -> dict:
@@ -67,8 +72,9 @@ def measure(layout: str, method: str, repeats: int) -> dict:
     """Benchmark one configuration in this process."""
     from sidcore import checkpoint
     from sidcore.dataset import write_image_zip
-    from sidcore.distill import Distiller, peak_memory_mb
+    from sidcore.distill import Distiller
     from sidcore.networks import build_network
+    from sidcore.progress_log import peak_memory_mb
     from sidcore.sampling import one_step
 
     batch = BATCH[layout]
@@ -87,7 +93,8 @@ def measure(layout: str, method: str, repeats: int) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         stats: dict = {}
-        labels = torch.nn.functional.one_hot(torch.arange(batch) % net["label_dim"], net["label_dim"]).float().to(device)
+        classes = net["label_dim"]
+        labels = torch.nn.functional.one_hot(torch.arange(batch) % classes, classes).float().to(device)
         z = torch.randn([batch, *shape], device=device)
         x_real = torch.randn([batch, *shape], device=device)
         sigma = torch.full([batch, 1, 1, 1], 1.0, device=device)
@@ -128,31 +135,22 @@ def measure(layout: str, method: str, repeats: int) -> dict:
             "peak_mem_mb": peak_memory_mb(device)}
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.only:
-        layout, method = args.only.split(":")
-        print(json.dumps(measure(layout, method, args.repeats)), flush=True)
-        return 0
+def run(layouts: list[str], repeats: int, out: str | None, log=print) -> list[dict]:
+    """Measure every layout and method, each in a process of its own; print a line per configuration."""
+    unknown = sorted(set(layouts) - set(LAYOUTS))
+    if unknown:
+        raise UserError(f"benchmark --layouts: unknown {', '.join(unknown)} (known: {', '.join(LAYOUTS)})")
     rows = []
-    for layout in args.layouts:
+    for layout in layouts:
         for method in ("sid", "sida"):
-            out = subprocess.run([sys.executable, "-m", "sidcore.cli", "benchmark", "--only", f"{layout}:{method}",
-                                  "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            child = subprocess.run([sys.executable, "-m", "sidcore.cli", "benchmark", "--only", f"{layout}:{method}",
+                                    "--repeats", str(repeats)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{r['layout']:<8} {r['method']:<5} {r['device']:<6} batch {r['batch']:<3} "
-                  f"{r['sec_per_kimg']:9.2f} s/kimg  iteration {r['iteration_sec'] * 1000:8.1f} ms  "
-                  f"passes {1000 * (r['fake_score_passes_sec'] + r['generator_passes_sec']):8.1f} ms  "
-                  f"overhead {100 * r['overhead_share']:5.1f} %  peak {r['peak_mem_mb']:7.0f} MB", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("benchmark", help="time one distillation iteration and its required network passes")
-    p.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["tiny", "cifar10"])
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median; after a warm-up)")
-    p.add_argument("--out", help="also write the rows as JSON")
-    p.add_argument("--only", help=argparse.SUPPRESS)  # layout:method, one configuration in this process
-    p.set_defaults(func=_run)
+            log(f"{r['layout']:<8} {r['method']:<5} {r['device']:<6} batch {r['batch']:<3} "
+                f"{r['sec_per_kimg']:9.2f} s/kimg  iteration {r['iteration_sec'] * 1000:8.1f} ms  "
+                f"passes {1000 * (r['fake_score_passes_sec'] + r['generator_passes_sec']):8.1f} ms  "
+                f"overhead {100 * r['overhead_share']:5.1f} %  peak {r['peak_mem_mb']:7.0f} MB")
+    if out:
+        Path(out).write_text(json.dumps(rows, indent=2) + "\n")
+    return rows

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sidcore.atomic import atomic_path
+from sidcore.errors import UserError
 from sidcore.networks import build_network
 
 SNAPSHOT_FORMAT = "sidcore-network"
@@ -25,28 +27,50 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
-def load(path: str | os.PathLike) -> dict:
-    """Load one of our checkpoints (tensors and plain containers only)."""
+def load(path: str | os.PathLike, what: str = "sidcore checkpoint",
+         advice: str = "delete it and make or download it again") -> Any:
+    """A ``torch.save`` file read as data (tensors and plain containers only: nothing in it runs); an unreadable
+    one is a ``UserError`` naming it, with ``advice``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — re-raised with the file named
-        raise ValueError(f"{path}: not a readable sidcore checkpoint ({e})") from e
+        raise UserError(f"{path}: not a readable {what} ({_reason(path, e)}); {advice}") from None
+
+
+def _reason(path: Path, error: Exception) -> str:
+    """Why torch could not read ``path``, without its advice to load the file unsafely instead."""
+    if path.stat().st_size == 0:
+        return "an empty file"
+    refused = re.search(r"unsupported GLOBAL (\S+)", str(error))
+    if refused:
+        return f"it names {refused.group(1)}, which a checkpoint of weights never does"
+    return str(error).splitlines()[0] if str(error) and "weights_only" not in str(error) else type(error).__name__
 
 
 def network_snapshot(net: torch.nn.Module, network: dict, **meta: Any) -> dict:
-    """Snapshot of ``net`` (CPU float32 copy) built from constructor settings ``network``."""
+    """Snapshot of ``net`` (CPU float32 copy) built from constructor settings ``network`` (resolution, channels,
+    labels). A generator's ``meta`` holds ``init_sigma``, the noise level it samples at (see ``init_sigma``), and
+    a latent one's ``vae``, the registry key of the VAE that decodes it."""
     state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in net.state_dict().items()}
     return {"format": SNAPSHOT_FORMAT, "network": copy.deepcopy(network), "state_dict": state, "meta": meta}
+
+
+def init_sigma(snap: dict, path: str | os.PathLike) -> float:
+    """The σ_init a generator snapshot samples at (its network settings give resolution, channels, labels)."""
+    if "init_sigma" not in snap["meta"]:
+        raise UserError(f"{path}: a network snapshot without init_sigma, so not a one-step generator (or one "
+                        "written before generators recorded it): distil or convert it again")
+    return float(snap["meta"]["init_sigma"])
 
 
 def load_snapshot(path: str | os.PathLike) -> dict:
     """Read a network snapshot file (see the module docstring)."""
     snap = load(path)
     if snap.get("format") != SNAPSHOT_FORMAT:
-        raise ValueError(f"{path}: not a sidcore network snapshot (format={snap.get('format')!r})")
+        raise UserError(f"{path}: not a sidcore network snapshot (format={snap.get('format')!r})")
     return snap
 
 
@@ -63,5 +87,5 @@ def load_network(path: str | os.PathLike, snap: dict | None = None, **overrides:
     try:
         net.load_state_dict(snap["state_dict"], strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the network settings {network}: {e}") from e
+        raise UserError(f"{path}: weights do not match the network settings {network}: {e}") from e
     return net, network

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from sidcore.atomic import atomic_path
+from sidcore.errors import UserError
 from sidcore.randomness import Noise
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -101,16 +102,16 @@ def read_image_zip(path: str | os.PathLike, use_labels: bool = True) -> ImageDat
             names = sorted(n for n in zf.namelist() if n.lower().endswith(ITEM_EXTENSIONS))
             meta = json.loads(zf.read("dataset.json")) if "dataset.json" in zf.namelist() else {}
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{path}: not a zip archive ({e})") from e
+        raise UserError(f"{path}: not a zip archive ({e})") from e
     if not names:
-        raise ValueError(f"{path}: no images or .npy items in the archive")
+        raise UserError(f"{path}: no images or .npy items in the archive")
     table = meta.get("labels") if use_labels else None
     if table is None:
         return ImageDataset(path, names, None, 0)
     by_name = dict((n, int(c)) for n, c in table)
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ValueError(f"{path}: dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)")
+        raise UserError(f"{path}: dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)")
     labels = torch.tensor([by_name[n] for n in names], dtype=torch.int64)
     return ImageDataset(path, names, labels, int(labels.max()) + 1)
 
@@ -140,7 +141,7 @@ def zip_writer(path: str | os.PathLike) -> Iterator[Callable[[np.ndarray, int | 
                 raise ValueError(f"expected uint8 [1|3, H, W] images or float32 [C, H, W] latents, "
                                  f"got {item.dtype} {item.shape}")
             if count and (label is not None) != bool(table):
-                raise ValueError(f"{path}: labels must be given for every item or for none")
+                raise UserError(f"{path}: labels must be given for every item or for none")
             zf.writestr(name, buf.getvalue())
             if label is not None:
                 table.append([name, int(label)])
@@ -179,10 +180,10 @@ def link_image_zip(src: str | os.PathLike, dst: str | os.PathLike) -> int:
         with zipfile.ZipFile(src) as zf:
             names = zf.namelist()
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{src}: not a zip archive ({e})") from e
+        raise UserError(f"{src}: not a zip archive ({e})") from e
     n = sum(name.lower().endswith(ITEM_EXTENSIONS) for name in names)
     if n == 0 or "dataset.json" not in names:
-        raise ValueError(f"{src}: expected images and a dataset.json at the archive root (EDM layout)")
+        raise UserError(f"{src}: expected images and a dataset.json at the archive root (EDM layout)")
     with atomic_path(dst) as tmp:
         try:
             os.link(src, tmp)

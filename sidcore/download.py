@@ -1,18 +1,25 @@
 """Resumable, verified downloads of registry artifacts, using the standard library only.
 
-A download is written to ``<out>.part``; an interrupted transfer is resumed with an HTTP Range
-request, and transient failures (connection errors, time-outs, 5xx, 429) are retried with
-exponential back-off. The file is renamed to ``out`` only after its sha256 matches the expected
-digest: the registry's, else the one pinned in the lock file on first download. A digest the server
-publishes with the file (Hugging Face's ``X-Linked-Etag`` for LFS files, sent with the redirect to
-the storage backend) is checked as well. So ``out`` exists only as a complete, verified file.
+A download is written to ``<out>.part``, beside ``<out>.part.origin``: the validator (strong ETag, else
+Last-Modified) and the length announced by the response that started it. Transient failures (connection
+errors, time-outs, 5xx, 429, a body shorter than announced) are retried with exponential back-off, and
+the part is resumed by a Range request with ``If-Range``: a server whose file changed sends all of it,
+which replaces the part. A 206 whose start, total or validators contradict the origin, and a part with
+no validator, restart from zero: a part is only extended when its origin is confirmed.
+
+``out`` appears only once the file has the announced length, the registry's size, the expected sha256
+(the registry's, else the lock file's) and any sha256 the server publishes (Hugging Face's
+``X-Linked-Etag`` on the redirect to its storage). A first download (no expected sha256) must also open
+as its registry entry's kind (:mod:`sidcore.content`; a bare URL has none) before its digest is pinned.
+A refusal deletes the part and its origin, so that the next run starts clean, and pins nothing;
+transport failures keep them for a later resume.
 
 Lock file: JSON ``{key or url: {"sha256": ..., "size": ..., "url": ...}}``, rewritten atomically.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -28,21 +35,26 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from sidcore import __version__
+from sidcore import __version__, content
+from sidcore.errors import UserError
+from sidcore.progress import Progress
 from sidcore.registry import Artifact, lookup
 
-DEFAULT_LOCK = Path("resources/artifacts.lock.json")
 PROGRESS_INTERVAL = 2.0  # seconds between progress lines
 USER_AGENT = f"sidcore/{__version__}"
 TRANSIENT = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError)
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download that cannot succeed (HTTP 4xx, retries exhausted, disk full, ...)."""
 
 
 class VerificationError(DownloadError):
     """A file whose sha256 or size differs from the expected one, or that cannot be checked."""
+
+
+class ContentError(VerificationError):
+    """A download refused because its length or content is not what the server announced or the registry says."""
 
 
 # ----------------------------------------------------------------------------
@@ -64,7 +76,7 @@ def fetch(
 
     An existing ``out`` that verifies is kept without network access; one that does not is
     deleted and downloaded again. ``retries`` counts consecutive attempts that made no progress.
-    Without a registry sha256 and without a lock file the download is checked only for length.
+    Without a known sha256 the download is checked for length and, for a registry entry, content.
     """
     art = source if isinstance(source, Artifact) else lookup(source)
     out = Path(out)
@@ -85,21 +97,18 @@ def fetch(
     part = out.with_name(out.name + ".part")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        published = _download(art.url, part, label, retries=retries, timeout=timeout, backoff=backoff, chunk=chunk,
+        published = _download(art, part, label, retries=retries, timeout=timeout, backoff=backoff, chunk=chunk,
                                progress=progress)
+        digest = _accept(art, part, lock_file, published, first=expected is None)
+    except VerificationError:
+        _discard(part)
+        raise
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DownloadError(f"no space left on device while writing {out} (partial data kept in {part})") from exc
         raise
-    try:
-        digest = _check(art, part, lock_file)
-        if published is not None and digest != published:
-            raise VerificationError(f"sha256 mismatch for {art.url}: the server publishes {published}, got {digest} "
-                                    f"({part})")
-    except VerificationError:
-        part.unlink()
-        raise
     os.replace(part, out)
+    _origin_file(part).unlink(missing_ok=True)
     _record(lock_file, art, digest, out.stat().st_size)
     _say(progress, f"{label}: sha256 {digest} -> {out}")
     return out
@@ -127,7 +136,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Expected digests and the lock file.
+# Expected digests, content and the lock file.
 
 
 def _expected(art: Artifact, lock_file: Path | None) -> tuple[str | None, str]:
@@ -143,12 +152,34 @@ def _check(art: Artifact, path: Path, lock_file: Path | None) -> str:
     """sha256 of ``path``, raising VerificationError if it or the size differs from the expected."""
     size = path.stat().st_size
     if art.size is not None and size != art.size:
-        raise VerificationError(f"size mismatch for {art.url}: expected {art.size} bytes (registry), got {size} ({path})")
+        raise VerificationError(f"size mismatch for {art.url}: expected {art.size} bytes (registry), got {size} "
+                                f"({path})")
     digest = sha256_file(path)
     expected, origin = _expected(art, lock_file)
     if expected is not None and digest != expected:
         raise VerificationError(f"sha256 mismatch for {art.url}: expected {expected} ({origin}), got {digest} ({path})")
     return digest
+
+
+def _accept(art: Artifact, part: Path, lock_file: Path | None, published: str | None, *, first: bool) -> str:
+    """sha256 of a downloaded ``part`` that passes every check; a ``first`` download also by content kind."""
+    remedy = (f"check that {art.url} still serves the file (not an error page) and download again, "
+              f"or fix the registry entry")
+    if art.size is not None and (size := part.stat().st_size) != art.size:
+        problem = f"expected {art.size:,} bytes as the registry says, got {size:,}"
+        raise ContentError(_refusal(art, part, problem, remedy))
+    digest = _check(art, part, lock_file)
+    if published is not None and digest != published:
+        raise VerificationError(f"sha256 mismatch for {art.url}: the server publishes {published}, got {digest} "
+                                f"({part})")
+    if first and art.kind is not None and (problem := content.problem(art.kind, part)) is not None:
+        raise ContentError(_refusal(art, part, problem, remedy))
+    return digest
+
+
+def _refusal(art: Artifact, part: Path, problem: str, remedy: str) -> str:
+    name = f"{art.key} ({art.url})" if art.key else art.url
+    return f"refusing {name}: {part}: {problem}; it was deleted and nothing was pinned — {remedy}"
 
 
 def _read_lock(lock_file: Path) -> dict:
@@ -191,9 +222,9 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
 # Transfer.
 
 
-def _download(url: str, part: Path, label: str, *, retries: int, timeout: float, backoff: float, chunk: int,
+def _download(art: Artifact, part: Path, label: str, *, retries: int, timeout: float, backoff: float, chunk: int,
               progress: bool) -> str | None:
-    """Bring ``part`` to the complete content of ``url``, retrying transient failures.
+    """Bring ``part`` to the complete content of ``art.url``, retrying transient failures.
 
     Returns the sha256 the server published for the file, if any.
     """
@@ -201,19 +232,73 @@ def _download(url: str, part: Path, label: str, *, retries: int, timeout: float,
     while True:
         before = _size(part)
         try:
-            return _transfer(url, part, label, timeout=timeout, chunk=chunk, progress=progress)
+            return _transfer(art.url, part, label, timeout=timeout, chunk=chunk, progress=progress)
         except urllib.error.HTTPError as exc:
             if exc.code != 429 and exc.code < 500:
-                raise DownloadError(f"HTTP {exc.code} {exc.reason} for {url}") from None
+                raise DownloadError(f"HTTP {exc.code} {exc.reason} for {art.url}") from None
             error: Exception = exc
         except TRANSIENT as exc:
             error = exc
         failures = 0 if _size(part) > before else failures + 1
+        if failures > retries and isinstance(error, _ShortBody):
+            problem = f"expected {error.announced:,} bytes as the server announced, got {error.got:,}"
+            raise ContentError(_refusal(art, part, problem, f"{failures} attempts in a row got no further, so the "
+                                                            f"server sends less than it announces; try again later"))
         if failures > retries:
-            raise DownloadError(f"giving up on {url} after {failures} attempts without progress: {error}") from error
+            raise DownloadError(f"giving up on {art.url} after {failures} attempts without progress: "
+                                f"{error}") from error
         delay = backoff * 2 ** max(failures - 1, 0)
         _say(progress, f"{label}: {error!r}; retrying in {delay:.0f} s")
         time.sleep(delay)
+
+
+class _ShortBody(http.client.HTTPException):
+    """A response that ended before the length the server announced."""
+
+    def __init__(self, got: int, announced: int) -> None:
+        super().__init__(f"{got:,} of {announced:,} announced bytes")
+        self.got, self.announced = got, announced
+
+
+@dataclasses.dataclass
+class _Origin:
+    """What the response that started a part said about the file."""
+
+    url: str
+    etag: str | None
+    modified: str | None  # Last-Modified
+    length: int | None  # total bytes announced
+
+    @property
+    def validator(self) -> str | None:
+        """What a resume sends as If-Range: a strong ETag, else Last-Modified."""
+        return self.etag if self.etag and not self.etag.startswith("W/") else self.modified
+
+
+def _origin_file(part: Path) -> Path:
+    return part.with_name(part.name + ".origin")
+
+
+def _load_origin(part: Path, url: str) -> _Origin | None:
+    """The saved origin of ``part``, if there is a part and it was started from ``url``."""
+    try:
+        origin = _Origin(**json.loads(_origin_file(part).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    return origin if origin.url == url and part.exists() else None
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _origin_file(part).unlink(missing_ok=True)
+
+
+def _continues(headers, offset: int, origin: _Origin) -> bool:
+    """Whether a 206 answer continues the part ``origin`` started: same start, total length and validators."""
+    start, total = _content_range(headers.get("Content-Range"))
+    same_total = None in (total, origin.length) or total == origin.length
+    validators = (("ETag", origin.etag), ("Last-Modified", origin.modified))
+    return start == offset and same_total and all(headers.get(name) in (None, saved) for name, saved in validators)
 
 
 class _DigestRecorder(urllib.request.HTTPRedirectHandler):
@@ -236,14 +321,15 @@ _SHA256_ETAG = re.compile(r'(?:W/)?"?([0-9a-fA-F]{64})"?')
 
 
 def _transfer(url: str, part: Path, label: str, *, timeout: float, chunk: int, progress: bool) -> str | None:
-    """One request: resume ``part`` from its current size (or restart) and read to the end.
+    """One request: resume ``part`` if its origin is confirmed (else start over) and read to the end.
 
     Returns the sha256 published by the server, if any.
     """
-    offset = _size(part)
+    origin = _load_origin(part, url)
+    offset = _size(part) if origin is not None and origin.validator else 0
     headers = {"User-Agent": USER_AGENT}
     if offset:
-        headers["Range"] = f"bytes={offset}-"
+        headers |= {"Range": f"bytes={offset}-", "If-Range": origin.validator}
     recorder = _DigestRecorder()
     try:
         response = urllib.request.build_opener(recorder).open(urllib.request.Request(url, headers=headers),
@@ -252,36 +338,52 @@ def _transfer(url: str, part: Path, label: str, *, timeout: float, chunk: int, p
         if exc.code != 416 or not offset:
             raise
         exc.close()  # Range not satisfiable: the partial file is not a prefix; start over.
-        part.unlink()
+        _discard(part)
         return _transfer(url, part, label, timeout=timeout, chunk=chunk, progress=progress)
 
     with response:
         status = response.status or 200  # file:// responses carry no status
-        if offset and status == 206 and _range_start(response.headers.get("Content-Range")) != offset:
-            part.unlink()
+        resumed = bool(offset) and status == 206
+        if resumed and not _continues(response.headers, offset, origin):
+            _discard(part)
             return _transfer(url, part, label, timeout=timeout, chunk=chunk, progress=progress)
-        if status != 206:
-            offset = 0  # the server ignored the Range request and sends the whole file
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
-        meter = _Progress(label, offset, total, progress)
+        if not resumed:  # a new file, or the server sends the whole file: it replaces the part
+            offset = 0
+            _discard(part)
+            origin = _Origin(url, response.headers.get("ETag"), response.headers.get("Last-Modified"),
+                             _announced(response.headers, 0))
+            _origin_file(part).write_text(json.dumps(dataclasses.asdict(origin)), encoding="utf-8")
+        total = _announced(response.headers, offset)
+        meter = Progress(total, "MB", scale=1e6, done=offset, every=PROGRESS_INTERVAL)
         with open(part, "ab" if offset else "wb") as f:
             while block := response.read(chunk):
                 f.write(block)
-                meter.advance(len(block))
+                meter.update(meter.done + len(block))
+                if meter.due():
+                    _say(progress, f"{label}: {meter.line()}")
             f.flush()
             os.fsync(f.fileno())
     if total is not None and _size(part) != total:
-        raise http.client.IncompleteRead(b"", total - _size(part))
-    meter.finish()
+        raise _ShortBody(_size(part), total)
+    _say(progress, f"{label}: {meter.line()}")
     recorder.note(response.headers)
     return recorder.published
 
 
-def _range_start(content_range: str | None) -> int | None:
-    """First byte position of a ``Content-Range: bytes a-b/n`` header."""
-    match = re.match(r"bytes (\d+)-", content_range or "")
-    return int(match.group(1)) if match else None
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """First byte position and total length of a ``Content-Range: bytes a-b/n`` header (None if absent or ``*``)."""
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (value or "").strip())
+    if not match:
+        return None, None
+    return int(match.group(1)), int(match.group(2)) if match.group(2) != "*" else None
+
+
+def _announced(headers, offset: int) -> int | None:
+    """Total file length a response announces: its Content-Range total, else ``offset`` + Content-Length."""
+    total = _content_range(headers.get("Content-Range"))[1]
+    if total is None and (length := headers.get("Content-Length")) is not None:
+        total = offset + int(length)
+    return total
 
 
 def _size(path: Path) -> int:
@@ -295,64 +397,3 @@ def _size(path: Path) -> int:
 def _say(enabled: bool, message: str) -> None:
     if enabled:
         print(message, file=sys.stderr, flush=True)
-
-
-class _Progress:
-    """Plain-text progress lines on stderr, at most one per PROGRESS_INTERVAL seconds."""
-
-    def __init__(self, label: str, done: int, total: int | None, enabled: bool) -> None:
-        self.label, self.done, self.total, self.enabled = label, done, total, enabled
-        self.first = done
-        self.start = self.last = time.monotonic()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_INTERVAL:
-            self.last = now
-            self._print(now)
-
-    def finish(self) -> None:
-        self._print(time.monotonic())
-
-    def _print(self, now: float) -> None:
-        rate = (self.done - self.first) / max(now - self.start, 1e-6)
-        line = f"{self.label}: {self.done / 1e6:.1f}"
-        if self.total:
-            line += f" / {self.total / 1e6:.1f} MB ({100 * self.done / self.total:.0f}%)"
-        else:
-            line += " MB"
-        line += f", {rate / 1e6:.1f} MB/s"
-        if self.total and rate > 0:
-            line += f", ETA {_clock((self.total - self.done) / rate)}"
-        _say(self.enabled, line)
-
-
-def _clock(seconds: float) -> str:
-    minutes, s = divmod(int(seconds), 60)
-    h, m = divmod(minutes, 60)
-    return f"{h}:{m:02d}:{s:02d}"
-
-
-# ----------------------------------------------------------------------------
-# Command line.
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``download`` subcommand."""
-    p = subparsers.add_parser("download", help="download an artifact resumably and verify its sha256")
-    p.add_argument("source", help="registry key (e.g. teacher/edm-cifar10-32x32-uncond-vp) or http(s):// / file:// URL")
-    p.add_argument("--out", type=Path, required=True, metavar="PATH", help="destination file")
-    p.add_argument("--lock", type=Path, default=DEFAULT_LOCK, metavar="PATH", help="lock file pinning sha256 digests (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=5, help="retries of a failed attempt that made no progress (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=60.0, help="socket time-out in seconds (default: %(default)s)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    try:
-        fetch(args.source, args.out, args.lock, retries=args.retries, timeout=args.timeout)
-    except (DownloadError, KeyError) as exc:
-        print(f"sidcore download: error: {exc.args[0]}", file=sys.stderr)
-        return 1
-    return 0

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -27,7 +26,9 @@ from sidcore import checkpoint, metrics, stopping
 from sidcore.dataset import ImageDataset, read_image_zip
 from sidcore.distributed import Context, any_rank, gather_to_main, single_process
 from sidcore.download import sha256_file
+from sidcore.errors import UserError
 from sidcore.latent import StabilityVAE, load_vae
+from sidcore.progress import Progress
 from sidcore.sampling import LabelSampler, heun, noise, one_step, to_pixels
 from sidcore.settings import BLOCK_STRIDE, num_blocks
 
@@ -73,24 +74,24 @@ class Evaluator:
     pr_images: torch.Tensor | None = None  # the precision/recall reference batch (uint8 NCHW)
     ctx: Context = field(default_factory=single_process)
     log: Callable[[str], None] = print
-    stoppable: bool = False  # a stop signal ends the run early (raises Stopped); the distillation has its own
+    stoppable: bool = False  # a stop signal ends the run early (raises Stopped); in training the loop stops instead
     _pr_features: torch.Tensor | None = None
 
     @classmethod
     def from_settings(cls, settings: dict, dataset: ImageDataset, refs: str, detector_weights: str,
                       device: torch.device, vae: StabilityVAE | None = None, *, dinov2_weights: str | None = None,
                       pr_reference: str | None = None, metric_names: list[str] | None = None,
-                      ctx: Context | None = None, log: Callable[[str], None] = print) -> "Evaluator":
+                      ctx: Context | None = None, log: Callable[[str], None] = print) -> Evaluator:
         """``dataset`` supplies the label distribution; ``metric_names`` defaults to the dataset's metrics."""
         names = list(settings["metrics"] if metric_names is None else metric_names)
         key = f"datasets.{settings['dataset']}.metrics"
         unknown = sorted(set(names) - set(KNOWN_METRICS))
         if unknown:
-            raise ValueError(f"{key}: unknown metrics {unknown} (known: {', '.join(KNOWN_METRICS)})")
+            raise UserError(f"{key}: unknown metrics {unknown} (known: {', '.join(KNOWN_METRICS)})")
         if {"precision", "recall"} & set(names) and pr_reference is None:
-            raise ValueError(f"{key}: precision/recall need a reference batch (pr_reference)")
+            raise UserError(f"{key}: precision/recall need a reference batch (pr_reference)")
         if "fd_dinov2" in names and dinov2_weights is None:
-            raise ValueError(f"{key}: fd_dinov2 needs the DINOv2 weights (evaluation.fd_dinov2_detector)")
+            raise UserError(f"{key}: fd_dinov2 needs the DINOv2 weights (evaluation.fd_dinov2_detector)")
         shape = (settings["channels"], settings["resolution"], settings["resolution"])
         detectors = {}
         if set(INCEPTION_METRICS) & set(names):
@@ -100,21 +101,22 @@ class Evaluator:
         references = metrics.load_reference(refs)
         for name, entry in (("fid", "fid"), ("fd_dinov2", "fd_dinov2")):
             if name in names and entry not in references:
-                raise ValueError(f"{refs}: no {entry!r} statistics, needed for metric {name}")
+                raise UserError(f"{refs}: no {entry!r} statistics, needed for metric {name}")
         ctx = ctx or single_process()
         pr_images = metrics.load_pr_reference(pr_reference) if pr_reference and ctx.is_main else None
         return cls(detectors, references, LabelSampler(dataset.labels, dataset.label_dim), shape, names, device,
-                   settings["evaluation"]["seed"], vae, pr_images, ctx, log)
+                   settings["evaluation"].seed, vae, pr_images, ctx, log)
 
     @torch.no_grad()
     def features(self, sample: SampleFn, num_images: int, batch: int, run: int) -> dict[str, dict] | None:
         """Generate run ``run``'s images on every rank; rank 0 gets each detector's outputs in block order."""
         ctx, blocks = self.ctx, num_blocks(num_images, batch)
         mine: dict[int, dict] = {}
-        start, last_report = time.time(), time.time()
+        progress = Progress(num_images, "kimg", scale=1000, every=60.0)
         for step in range(math.ceil(blocks / ctx.world_size)):  # the same number of steps on every rank
-            if self.stoppable and any_rank(ctx, stopping.received() is not None):
-                raise Stopped(f"stop signal during evaluation run {run}")
+            signum = stopping.requested(ctx) if self.stoppable else None
+            if signum is not None:
+                raise Stopped(f"{signum.name} during evaluation run {run}")
             block = step * ctx.world_size + ctx.rank
             if block < blocks:
                 n = min(batch, num_images - block * batch)
@@ -122,12 +124,9 @@ class Evaluator:
                 labels = self.labels(n, gen, self.device)
                 images = to_pixels(sample(noise(n, self.shape, gen, self.device), labels), self.vae)
                 mine[block] = {name: metrics.extract(det, images) for name, det in self.detectors.items()}
-            if ctx.is_main and time.time() - last_report > 60:
-                done = min((step + 1) * ctx.world_size * batch, num_images)
-                rate = (time.time() - start) / done * 1000
-                self.log(f"run {run}: {done}/{num_images} images, {rate:.2f} s/kimg, "
-                         f"ETA {rate * (num_images - done) / 1000:.0f} s")
-                last_report = time.time()
+            progress.update(min((step + 1) * ctx.world_size * batch, num_images))
+            if ctx.is_main and not progress.finished and progress.due():
+                self.log(f"run {run}: {progress.line(rate='seconds_per_unit')}")
         parts = gather_to_main(ctx, mine)
         if parts is None:
             return None
@@ -199,22 +198,23 @@ def evaluate_runs(settings: dict, model: str, kind: str, data: str, refs: str, d
     net, _ = checkpoint.load_network(model, snap)
     net.to(ctx.device).eval().requires_grad_(False)
     if kind == "generator":
-        sample, nfe = generator_sampler(net, settings["distill"]["init_sigma"]), 1
+        sample, nfe = generator_sampler(net, checkpoint.init_sigma(snap, model)), 1
     else:
         num_steps = settings["teacher_eval"]["num_steps"]
         sample, nfe = teacher_sampler(net, num_steps), 2 * num_steps - 1
     detectors = {name: detector.get_name() for name, detector in evaluator.detectors.items()}
-    common = {"dataset": settings["dataset"], "size": settings.get("size"),
-              "method": settings.get("method", "teacher"), "alpha": settings.get("alpha"),
+    common = {"dataset": settings["dataset"], "size": settings["size"],
+              "method": "teacher" if kind == "teacher" else settings["method"],
+              "alpha": None if kind == "teacher" else settings["alpha"],
               "source": "ours" if released is None else "released", "released_key": released,
-              "num_images": ev["num_images"], "batch": ev["batch"], "nfe": nfe, "kimg": snap["meta"].get("kimg"),
+              "num_images": ev.num_images, "batch": ev.batch, "nfe": nfe, "kimg": snap["meta"].get("kimg"),
               "detector": settings["detector"]["name"], "detectors": detectors, "model_sha256": sha256_file(model),
               "refs_sha256": sha256_file(refs), "world_size": ctx.world_size}
     if pr_reference is not None:
         common["pr_reference_sha256"] = sha256_file(pr_reference)
     for run in range(runs):
-        seeds = rank_seeds(ev["seed"], run, ev["num_images"], ev["batch"], ctx.world_size)
-        record = {**common, "run": run, "seed_base": ev["seed"], "seeds": sorted(s for v in seeds.values() for s in v),
+        seeds = rank_seeds(ev.seed, run, ev.num_images, ev.batch, ctx.world_size)
+        record = {**common, "run": run, "seed_base": ev.seed, "seeds": sorted(s for v in seeds.values() for s in v),
                   "rank_seeds": {str(rank): v for rank, v in seeds.items()}, "metric_names": sorted(evaluator.metrics)}
         path = Path(outdir) / f"run{run}.json"
         same = {k: record[k] for k in ("model_sha256", "refs_sha256", "num_images", "seeds", "metric_names")}
@@ -222,6 +222,6 @@ def evaluate_runs(settings: dict, model: str, kind: str, data: str, refs: str, d
             if ctx.is_main:
                 log(f"run {run}: kept from before the requeue ({path})")
             continue
-        values = evaluator(sample, ev["num_images"], ev["batch"], run)
+        values = evaluator(sample, ev.num_images, ev.batch, run)
         if ctx.is_main:
             yield {**record, "metrics": values}

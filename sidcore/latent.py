@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from sidcore.errors import UserError
+
 # Statistics of the raw SD-VAE latents of ImageNet-512 (EDM2's StabilityVAEEncoder defaults).
 RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 RAW_STD = (4.17, 4.62, 3.71, 3.28)
@@ -65,6 +67,6 @@ def load_vae(settings: dict, path: str | os.PathLike | None, device: torch.devic
     if "latent" not in settings:
         return None
     if path is None:
-        raise ValueError(f"datasets.{settings['dataset']}.latent: this dataset lives in latent space; "
+        raise UserError(f"datasets.{settings['dataset']}.latent: this dataset lives in latent space; "
                          "pass the VAE directory with --vae")
     return StabilityVAE(path, device)

@@ -13,14 +13,13 @@ Interrupting the launcher cancels the job.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
@@ -28,6 +27,7 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 
 from sidcore import REQUEUE_EXIT, stopping
+from sidcore.errors import UserError
 
 EXECUTORS = ("local", "slurm")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
@@ -55,9 +55,9 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
-            raise ValueError(f"launch: executor {self.executor!r} is not one of {EXECUTORS} (config.yaml `launcher`)")
+            raise UserError(f"launch: executor {self.executor!r} is not one of {EXECUTORS} (config.yaml `launcher`)")
         if self.executor == "local" and self.nodes != 1:
-            raise ValueError(f"launch: the local executor runs on one node, not {self.nodes}")
+            raise UserError(f"launch: the local executor runs on one node, not {self.nodes}")
 
     @property
     def tasks_per_node(self) -> int:
@@ -267,27 +267,9 @@ def _say(message: str) -> None:
     print(f"[launch] {message}", flush=True)
 
 
-def launch(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+def launch(spec: JobSpec, command: list[str], logdir: Path, lost_after_s: float) -> int:
+    """Run ``command`` (a sidcore command line) as the job ``spec``; its exit status."""
     if not command:
-        raise ValueError("launch: give the sidcore command to run after `--`")
-    spec = JobSpec(**{f.name: getattr(args, f.name) for f in fields(JobSpec)})
-    Path(args.logdir).mkdir(parents=True, exist_ok=True)
-    return Launcher(spec, command, Path(args.logdir), lost_after_s=args.lost_after_s).run()
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("launch", help="run a compute command as a (SLURM or local) submitit job")
-    for f in fields(JobSpec):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("executor", "name"):
-            p.add_argument(flag, required=True, choices=EXECUTORS if f.name == "executor" else None)
-        else:
-            kind = int if f.type in ("int", int) else str
-            p.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default})")
-    p.add_argument("--logdir", required=True, help="folder of the job's ids and per-task logs")
-    p.add_argument("--lost-after-s", type=float, default=120.0,
-                   help="report a SLURM job failed once it has left the queue this long without a result "
-                        "(clusters without accounting, where sacct cannot say)")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS]: the sidcore command to run")
-    p.set_defaults(func=launch)
+        raise UserError("launch: give the sidcore command to run after `--`")
+    logdir.mkdir(parents=True, exist_ok=True)
+    return Launcher(spec, command, logdir, lost_after_s=lost_after_s).run()

@@ -14,14 +14,12 @@ from torch.nn.functional import softplus
 
 from sidcore.augment import AugmentPipe
 from sidcore.randomness import Noise
-
-# Noise-level schedule of the generator loss (Karras et al. 2022, eq. 5), fixed in the official code.
-SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+from sidcore.sampling import karras_sigma
 
 
 def sigma_from_t(t: torch.Tensor) -> torch.Tensor:
-    """σ(t) = (σ_max^{1/ρ} + (1 − t)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ; t = 0 → σ_min, t = 1 → σ_max."""
-    return (SIGMA_MAX ** (1 / RHO) + (1 - t) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
+    """σ(t) of the generator loss on EDM's schedule: t = 0 → σ_min, t = 1 → σ_max."""
+    return karras_sigma(1 - t)
 
 
 def sigma_generator(u: torch.Tensor, tmax: int) -> torch.Tensor:

@@ -14,10 +14,9 @@ nothing but numpy arrays and plain containers. The precision/recall reference is
 """
 from __future__ import annotations
 
-import argparse
 import os
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +27,12 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metri
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
-from sidcore.atomic import atomic_path
-from sidcore.safe_pickle import RestrictedUnpickler
 import sidcore.detectors.digits  # noqa: F401  (registers the extractors under their names)
 import sidcore.detectors.dinov2  # noqa: F401
 import sidcore.detectors.nvidia_inception  # noqa: F401
+from sidcore.atomic import atomic_path
+from sidcore.errors import UserError
+from sidcore.safe_pickle import RestrictedUnpickler
 
 Stats = dict[str, np.ndarray]  # {"mu": [D] float64, "sigma": [D, D] float64}
 PR_BATCH = 10_000  # rows/columns of the pairwise-distance blocks, as in NVIDIA's metric code
@@ -55,7 +55,7 @@ DETECTORS: dict[str, DetectorSpec] = {
 
 def detector_spec(name: str) -> DetectorSpec:
     if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+        raise UserError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
     return DETECTORS[name]
 
 
@@ -64,7 +64,7 @@ def create_detector(name: str, weights_path: str | os.PathLike | None,
     """Build the named torch-fidelity extractor from a local weights file, requesting its FID and IS features."""
     spec = detector_spec(name)
     if weights_path is None:
-        raise ValueError(f"detector {name!r} needs a local weights file (nothing is downloaded at run time)")
+        raise UserError(f"detector {name!r} needs a local weights file (nothing is downloaded at run time)")
     if not Path(weights_path).is_file():
         raise FileNotFoundError(f"detector weights not found: {weights_path}")
     features = [spec.fid_feature] + ([spec.is_feature] if spec.is_feature is not None else [])
@@ -134,7 +134,7 @@ def precision_recall(gen_features: torch.Tensor, real_features: torch.Tensor, k:
 def _as_stats(stats: dict, where: str) -> Stats:
     mu, sigma = (np.asarray(stats[k], dtype=np.float64) for k in ("mu", "sigma"))
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise ValueError(f"{where}: inconsistent statistics shapes mu {mu.shape}, sigma {sigma.shape}")
+        raise UserError(f"{where}: inconsistent statistics shapes mu {mu.shape}, sigma {sigma.shape}")
     return {"mu": mu, "sigma": sigma}
 
 
@@ -168,16 +168,16 @@ def load_reference(path: str | os.PathLike) -> dict[str, Stats]:
         with np.load(path, allow_pickle=False) as z:
             missing = {"mu", "sigma"} - set(z.files)
             if missing:
-                raise ValueError(f"{path}: missing arrays {sorted(missing)}")
+                raise UserError(f"{path}: missing arrays {sorted(missing)}")
             entries = {"fid": {"mu": z["mu"], "sigma": z["sigma"]}}
     elif magic[:1] == b"\x80":  # pickle protocol ≥ 2
         with open(path, "rb") as f:
             data = RestrictedUnpickler(f, path).load()
         if not isinstance(data, dict) or not isinstance(data.get("fid"), dict):
-            raise ValueError(f"{path}: expected a dict with a 'fid' entry")
+            raise UserError(f"{path}: expected a dict with a 'fid' entry")
         entries = {k: data[k] for k in ("fid", "fd_dinov2") if k in data}
     else:
-        raise ValueError(f"{path}: unknown reference format (expected an EDM .npz or an EDM2 .pkl)")
+        raise UserError(f"{path}: unknown reference format (expected an EDM .npz or an EDM2 .pkl)")
     return {k: _as_stats(v, f"{path}[{k}]") for k, v in entries.items()}
 
 
@@ -199,38 +199,29 @@ def load_pr_reference(path: str | os.PathLike) -> torch.Tensor:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not an npz archive ({err})") from err
+        raise UserError(f"{path}: not an npz archive ({err})") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: expected an npz archive with 'arr_0', found a single array")
+        raise UserError(f"{path}: expected an npz archive with 'arr_0', found a single array")
     with archive:
         if "arr_0" not in archive.files:
-            raise ValueError(f"{path}: no 'arr_0' image array (arrays: {', '.join(archive.files) or 'none'})")
+            raise UserError(f"{path}: no 'arr_0' image array (arrays: {', '.join(archive.files) or 'none'})")
         images = archive["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: 'arr_0' must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+        raise UserError(f"{path}: 'arr_0' must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
 # ------------------------------------------------------------------------------------------------
 # Command line.
 
-def _ref_stats(args: argparse.Namespace) -> int:
+
+def write_reference(data_path: str, detector_name: str, detector_weights: str, out: str, batch: int = 256,
+                    log=print) -> None:
+    """FID reference statistics (EDM's npz layout) of the images of a dataset zip."""
     from sidcore.dataset import read_image_zip
-
-    data = read_image_zip(args.data)
+    data = read_image_zip(data_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    detector = create_detector(args.detector, args.detector_weights, device)
-    stats = reference_from_batches(data.batches(args.batch), detector)
-    save_reference(args.out, stats["mu"], stats["sigma"])
-    print(f"{len(data)} images, {stats['mu'].size}-d {args.detector} features -> {args.out}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("ref-stats", help="FID reference statistics (EDM npz layout) of a dataset zip")
-    p.add_argument("--data", required=True, help="EDM-layout image zip")
-    p.add_argument("--detector", required=True, choices=sorted(DETECTORS))
-    p.add_argument("--detector-weights", required=True, help="local weights file of the detector")
-    p.add_argument("--out", required=True, help="output .npz path")
-    p.add_argument("--batch", type=int, default=256)
-    p.set_defaults(func=_ref_stats)
+    detector = create_detector(detector_name, detector_weights, device)
+    stats = reference_from_batches(data.batches(batch), detector)
+    save_reference(out, stats["mu"], stats["sigma"])
+    log(f"{len(data)} images, {stats['mu'].size}-d {detector_name} features -> {out}")

@@ -10,7 +10,6 @@ from a record and loads every weight strictly.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import io
@@ -21,6 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from sidcore.errors import UserError
 from sidcore.safe_pickle import RestrictedUnpickler, UnsafePickleError, numpy_array_globals
 
 PERSISTENT_GLOBAL = ("torch_utils.persistence", "_reconstruct_persistent_obj")
@@ -178,14 +178,14 @@ def read_pickle(path: str | os.PathLike) -> Any:
         except UnsafePickleError:
             raise
         except Exception as e:  # noqa: BLE001 — truncated or foreign files get the path in the message
-            raise ValueError(f"{path}: not a readable network pickle ({type(e).__name__}: {e})") from e
+            raise UserError(f"{path}: not a readable network pickle ({type(e).__name__}: {e})") from e
 
 
 def module_tensors(obj: Record | Inert, prefix: str = "") -> dict[str, torch.Tensor]:
     """``state_dict()``-equivalent of a module record: own parameters, persistent buffers, then children."""
     state = obj.state if isinstance(obj, (Record, Inert)) else None
     if not isinstance(state, dict):
-        raise ValueError(f"{prefix or 'top level'}: not a module record ({type(obj).__name__})")
+        raise UserError(f"{prefix or 'top level'}: not a module record ({type(obj).__name__})")
     out = {}
     for name, t in (state.get("_parameters") or {}).items():
         if t is not None:
@@ -215,7 +215,7 @@ TRAINING_FLAGS = ("force_normalization", "use_gan")  # SiD's EDM2 training switc
 def recorded_settings(record: Record, tensors: dict[str, torch.Tensor]) -> dict:
     """sidcore constructor settings (``build_network`` keywords) of a preconditioner record."""
     if record.class_name not in PRECONDITIONERS:
-        raise ValueError(f"top-level network class {record.class_name!r} is not a known preconditioner "
+        raise UserError(f"top-level network class {record.class_name!r} is not a known preconditioner "
                          f"(known: {sorted(PRECONDITIONERS)})")
     precond = PRECONDITIONERS[record.class_name]
     kwargs = dict(zip(INTERFACE, record.init_args))
@@ -225,7 +225,7 @@ def recorded_settings(record: Record, tensors: dict[str, torch.Tensor]) -> dict:
             kwargs[key] = record.state[key]
     missing = [k for k in INTERFACE if k not in kwargs]
     if missing:
-        raise ValueError(f"{record.class_name}: constructor arguments {missing} are neither stored nor recorded")
+        raise UserError(f"{record.class_name}: constructor arguments {missing} are neither stored nor recorded")
     inner = record.state.get("_modules", {}).get(INNER_MODULE[precond])
     if isinstance(inner, Record):
         kwargs.update({k: v for k, v in inner.init_kwargs.items() if k not in INNER_INTERFACE})
@@ -241,7 +241,7 @@ def recorded_settings(record: Record, tensors: dict[str, torch.Tensor]) -> dict:
         elif model_type.startswith("SongUNet"):
             kwargs["arch"] = "ncsnpp" if kwargs.get("embedding_type") == "fourier" else "ddpmpp"
         else:
-            raise ValueError(f"{record.class_name}: unknown model_type {model_type!r}")
+            raise UserError(f"{record.class_name}: unknown model_type {model_type!r}")
         if precond != "edm":
             kwargs["precond"] = precond
     return kwargs
@@ -252,9 +252,9 @@ def load_records(path: str | os.PathLike, key: str = "ema") -> Record:
     data = read_pickle(path)
     if not isinstance(data, dict) or key not in data:
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path}: expected a dict with key {key!r}, found {found}")
+        raise UserError(f"{path}: expected a dict with key {key!r}, found {found}")
     if not isinstance(data[key], Record):
-        raise ValueError(f"{path}: [{key!r}] is not a persistent network object")
+        raise UserError(f"{path}: [{key!r}] is not a persistent network object")
     return data[key]
 
 
@@ -273,14 +273,14 @@ def convert(path: str | os.PathLike, key: str = "ema", network: dict | None = No
     try:
         net = build_network(**settings)
     except TypeError as e:
-        raise ValueError(f"{path}: network settings {settings} are not understood ({e})") from e
+        raise UserError(f"{path}: network settings {settings} are not understood ({e})") from e
     expected = net.state_dict()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     wrong = [f"{k} {list(tensors[k].shape)} != {list(v.shape)}" for k, v in expected.items()
              if k in tensors and tensors[k].shape != v.shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{path}: weights do not match the network settings {settings} (the file records "
+        raise UserError(f"{path}: weights do not match the network settings {settings} (the file records "
                          f"{record.class_name}{recorded}): missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"wrong shapes {wrong[:5]}")
     net.load_state_dict({k: t.to(torch.float32) if t.is_floating_point() else t for k, t in tensors.items()},
@@ -288,23 +288,15 @@ def convert(path: str | os.PathLike, key: str = "ema", network: dict | None = No
     return net, settings
 
 
-def _convert_network(args: argparse.Namespace) -> int:
+def convert_to_snapshot(src: str, out: str, key: str = "ema", network: dict | None = None,
+                        sampling: dict | None = None, log=print) -> None:
+    """Write an NVIDIA persistence pickle's network (entry ``key``) as one of our network snapshots; a one-step
+    generator's with how to sample it (``sampling``: ``init_sigma``, and ``vae`` where latent)."""
     from sidcore import checkpoint
     from sidcore.download import sha256_file
-    from sidcore.settings import loads
-    network = loads(args.network) if args.network is not None else None
-    net, settings = convert(args.src, args.key, network)
-    snap = checkpoint.network_snapshot(net, settings, source=Path(args.src).name, source_sha256=sha256_file(args.src))
-    checkpoint.save_atomic(snap, args.out)
-    print(f"{args.src}: {settings} -> {args.out}", flush=True)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("convert-network", help="NVIDIA persistence pickle -> sidcore network snapshot")
-    p.add_argument("--src", required=True, help="the downloaded .pkl")
-    p.add_argument("--out", required=True, help="the snapshot .pt to write")
-    p.add_argument("--key", default="ema", help="top-level entry holding the network (default: ema)")
-    p.add_argument("--network", help="constructor settings (JSON) of the network to build, as config.yaml "
-                                     "describes it (default: the settings the file records)")
-    p.set_defaults(func=_convert_network)
+    net, settings = convert(src, key, network)
+    sampling = sampling or {}
+    snap = checkpoint.network_snapshot(net, settings, source=Path(src).name, source_sha256=sha256_file(src),
+                                       **sampling)
+    checkpoint.save_atomic(snap, out)
+    log(f"{src}: {settings} -> {out}")

@@ -12,7 +12,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from sidcore.settings import AUGMENT_DIM, alpha_key, batch_arithmetic, num_blocks
+from sidcore.errors import UserError
+from sidcore.methods import alpha_text
+from sidcore.settings import AUGMENT_DIM, batch_arithmetic, num_blocks, typed
 
 LOCAL_SOURCES = ("image-folder", "vae-latents", "edm-zip")  # data sources read from data.path
 
@@ -20,7 +22,7 @@ LOCAL_SOURCES = ("image-folder", "vae-latents", "edm-zip")  # data sources read 
 def where(settings: dict) -> str:
     """The config key of a run: ``datasets.<name>.methods.<method> (alpha a)``, or of its dataset."""
     key = f"datasets.{settings['dataset']}"
-    if settings.get("study") == "ablation":
+    if settings["study"] == "ablation":
         key += f".ablation ({settings['method']}, alpha {settings['alpha']})"
     elif "method" in settings:
         key += f".methods.{settings['method']} (alpha {settings['alpha']})"
@@ -43,20 +45,20 @@ def check_config(config: dict) -> None:
     """Values of config.yaml that the schema cannot refuse: non-finite numbers, by_alpha keys, SiD²A's start."""
     bad = sorted(set(non_finite({k: v for k, v in config.items() if not k.startswith("_")})))
     if bad:
-        raise ValueError(f"{bad[0]}: NaN or infinity is not a usable value" +
+        raise UserError(f"{bad[0]}: NaN or infinity is not a usable value" +
                          (f" (also: {', '.join(bad[1:])})" if len(bad) > 1 else ""))
     for name, d in config["datasets"].items():
         for method, spec in d["methods"].items():
             key = f"datasets.{name}.methods.{method}"
-            alphas = [alpha_key(a) for a in spec["alphas"]]
+            alphas = [alpha_text(a) for a in spec["alphas"]]
             if len(set(alphas)) != len(alphas):
-                raise ValueError(f"{key}.alphas: {spec['alphas']} names an alpha twice")
+                raise UserError(f"{key}.alphas: {spec['alphas']} names an alpha twice")
             for k in spec.get("by_alpha", {}):
-                if alpha_key(k) != k:
-                    raise ValueError(f"{key}.by_alpha: key {k!r} is not written as the alpha is ({alpha_key(k)!r}); "
+                if alpha_text(k) != k:
+                    raise UserError(f"{key}.by_alpha: key {k!r} is not written as the alpha is ({alpha_text(k)!r}); "
                                      "it would never apply")
                 if k not in alphas:
-                    raise ValueError(f"{key}.by_alpha: alpha {k} is not run (alphas: {', '.join(alphas)})")
+                    raise UserError(f"{key}.by_alpha: alpha {k} is not run (alphas: {', '.join(alphas)})")
         if "sid2a" in d["methods"]:
             check_init(config, name)
         if "ablation" in d:
@@ -67,7 +69,7 @@ def check_ablation(ablation: dict, methods: dict, key: str) -> None:
     """An α ablation runs configured methods: their settings apply."""
     for method in ablation["methods"]:
         if method not in methods:
-            raise ValueError(f"{key}.methods: {method} is not configured under methods (configured: "
+            raise UserError(f"{key}.methods: {method} is not configured under methods (configured: "
                              f"{', '.join(methods)})")
 
 
@@ -76,16 +78,16 @@ def check_init(config: dict, dataset: str) -> None:
     d = config["datasets"][dataset]
     init = d["methods"]["sid2a"]["init"]
     key = f"datasets.{dataset}.methods.sid2a.init"
-    alpha = alpha_key(init["alpha"])
+    alpha = alpha_text(init["alpha"])
     if init["from"] == "sid":
-        alphas = [alpha_key(a) for a in d["methods"].get("sid", {}).get("alphas", [])]
+        alphas = [alpha_text(a) for a in d["methods"].get("sid", {}).get("alphas", [])]
         if alpha not in alphas:
-            raise ValueError(f"{key}: starts from SiD alpha {alpha}, which datasets.{dataset}.methods.sid does not "
+            raise UserError(f"{key}: starts from SiD alpha {alpha}, which datasets.{dataset}.methods.sid does not "
                              f"run (alphas: {', '.join(alphas) or 'none'})")
     else:
-        released = {alpha_key(a) for a in d.get("released", {}).get("sid", {})}
+        released = {alpha_text(a) for a in d.get("released", {}).get("sid", {})}
         if alpha not in released:
-            raise ValueError(f"{key}: starts from the released SiD generator of alpha {alpha}, which "
+            raise UserError(f"{key}: starts from the released SiD generator of alpha {alpha}, which "
                              f"datasets.{dataset}.released.sid does not list (it has: "
                              f"{', '.join(sorted(released)) or 'none'})")
 
@@ -93,43 +95,46 @@ def check_init(config: dict, dataset: str) -> None:
 def check_distill(settings: dict, world_size: int) -> tuple[int, int]:
     """Settings ``sidcore distill`` cannot run with ``world_size`` processes; returns (per-process batch,
     accumulation rounds)."""
+    settings = typed(settings)
     d, net, key = settings["distill"], settings["network"], where(settings)
     arch = net["arch"]
-    g_start, gan_start = d["stage_kimg"]
+    g_start, gan_start = d.stage_kimg
     if gan_start < g_start:
-        raise ValueError(f"{key}: distill.stage_kimg={d['stage_kimg']} must not decrease (generator start, then "
-                         "adversarial start)")
-    if d.get("bf16") and not d["fp16"]:
-        raise ValueError(f"{key}: distill.bf16 needs distill.fp16: true (bf16 only picks the half type)")
-    if d["augment"] > 0:
+        raise UserError(f"{key}: distill.stage_kimg={list(d.stage_kimg)} must not decrease (generator start, then "
+                        "adversarial start)")
+    if d.bf16 and not d.fp16:
+        raise UserError(f"{key}: distill.bf16 needs distill.fp16: true (bf16 only picks the half type)")
+    if d.augment > 0:
         if arch == "edm2":
-            raise ValueError(f"{key}: distill.augment={d['augment']}: EDM2 networks take no augmentation labels; "
-                             "set it to 0")
-        if net.get("augment_dim", 0) != AUGMENT_DIM:
-            raise ValueError(f"{key}: distill.augment={d['augment']} needs network.augment_dim: {AUGMENT_DIM} "
-                             "(the augmentation labels the networks are conditioned on)")
-    if d.get("return_logvar") and arch != "edm2":
-        raise ValueError(f"{key}: distill.return_logvar needs an EDM2 teacher (network.arch is {arch})")
+            raise UserError(f"{key}: distill.augment={d.augment}: EDM2 networks take no augmentation labels; "
+                            "set it to 0")
+        if net.get("augment_dim") != AUGMENT_DIM:
+            raise UserError(f"{key}: distill.augment={d.augment} needs network.augment_dim: {AUGMENT_DIM} "
+                            "(the augmentation labels the networks are conditioned on)")
+    if d.return_logvar and arch != "edm2":
+        raise UserError(f"{key}: distill.return_logvar needs an EDM2 teacher (network.arch is {arch})")
     if settings["adversarial"] and arch == "ncsnpp":
-        raise ValueError(f"{key}: {settings['method']} needs the fake score's encoder output, which NCSN++ "
-                         "(network.arch ncsnpp) does not provide")
+        raise UserError(f"{key}: {settings['method']} needs the fake score's encoder output, which NCSN++ "
+                        "(network.arch ncsnpp) does not provide")
     try:
-        return batch_arithmetic(d["batch"], d["batch_gpu"], world_size)
+        return batch_arithmetic(d.batch, d.batch_gpu, world_size)
     except ValueError as e:
-        raise ValueError(f"{key} with {world_size} processes (cluster.jobs.distill: nodes × gpus_per_node): "
-                         f"{e}") from None
+        raise UserError(f"{key} with {world_size} processes (cluster.jobs.distill: nodes × gpus_per_node): "
+                        f"{e}") from None
 
 
 def check_evaluation(settings: dict) -> None:
     """Evaluation settings no run can use: too many generation blocks per run (final, and in-training)."""
-    counts = [settings["evaluation"]["num_images"]]
-    if "eval_images" in settings.get("distill", {}):  # a distillation's in-training evaluation
-        counts.append(settings["distill"]["eval_images"])
+    settings = typed(settings)
+    evaluation = settings["evaluation"]
+    counts = [evaluation.num_images]
+    if "distill" in settings:  # a distillation's in-training evaluation
+        counts.append(settings["distill"].eval_images)
     for n in counts:
         try:
-            num_blocks(n, settings["evaluation"]["batch"])
+            num_blocks(n, evaluation.batch)
         except ValueError as e:
-            raise ValueError(f"datasets.{settings['dataset']}.{e}") from None
+            raise UserError(f"datasets.{settings['dataset']}.{e}") from None
 
 
 def check_data_source(settings: dict) -> None:
@@ -138,12 +143,12 @@ def check_data_source(settings: dict) -> None:
     if data["source"] not in LOCAL_SOURCES:
         return
     if "path" not in data:
-        raise ValueError(f"{key}.path: required for source {data['source']}")
+        raise UserError(f"{key}.path: required for source {data['source']}")
     path = data["path"]
     want_file = data["source"] == "edm-zip"
     if not (os.path.isfile(path) if want_file else os.path.isdir(path)):
         kind = "EDM zip" if want_file else "image folder"
-        raise ValueError(f"{key}.path: {path} is not an existing {kind} (source {data['source']}); download the "
+        raise UserError(f"{key}.path: {path} is not an existing {kind} (source {data['source']}); download the "
                          "data and point this key at it")
 
 
@@ -153,5 +158,5 @@ def check_data_shape(settings: dict, data: Any) -> None:
     want = (settings["channels"], settings["resolution"], settings["label_dim"])
     have = (data.channels, data.resolution, data.label_dim)
     if have != want:
-        raise ValueError(f"datasets.{settings['dataset']}: config says channels/resolution/label_dim = {want}, "
+        raise UserError(f"datasets.{settings['dataset']}: config says channels/resolution/label_dim = {want}, "
                          f"the data has {have}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -22,6 +21,7 @@ from PIL import Image
 
 from sidcore import safe_pickle
 from sidcore.dataset import IMAGE_EXTENSIONS, zip_writer
+from sidcore.progress import Progress
 
 CIFAR10_BATCHES = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
 Log = Callable[[str], None]
@@ -107,17 +107,10 @@ def _transformed(files: list[Path], resolution: int, transform: str, workers: in
         yield from pool.map(load, files, chunksize=64)
 
 
-class _Progress:
-    def __init__(self, total: int, log: Log, every: float = 30.0) -> None:
-        self.total, self.log, self.every = total, log, every
-        self.start = self.last = time.monotonic()
-
-    def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every or done == self.total:
-            self.last = now
-            rate = done / max(now - self.start, 1e-9)
-            self.log(f"{done}/{self.total} images, {rate:.0f} img/s, ETA {(self.total - done) / max(rate, 1e-9) / 60:.1f} min")
+def report(progress: Progress, done: int, log: Log) -> None:
+    progress.update(done)
+    if progress.due():
+        log(progress.line())
 
 
 def default_workers() -> int:
@@ -128,11 +121,11 @@ def images_from_folder(root: str | os.PathLike, out: str | os.PathLike, resoluti
                        labels: bool, workers: int | None = None, log: Log = print) -> int:
     """An EDM zip of every image under ``root``, transformed to ``resolution``×``resolution`` RGB."""
     files, classes = list_images(root, labels)
-    progress = _Progress(len(files), log)
+    progress = Progress(len(files), "images", every=30.0)
     with zip_writer(out) as add:
         for i, image in enumerate(_transformed(files, resolution, transform, workers or default_workers())):
             add(image, None if classes is None else classes[i])
-            progress(i + 1)
+            report(progress, i + 1, log)
     log(f"{root}: {len(files)} images{f', {max(classes) + 1} classes' if classes else ''} -> {out}")
     return len(files)
 
@@ -143,7 +136,7 @@ def latents_from_folder(root: str | os.PathLike, out: str | os.PathLike, encode:
     """An EDM2 latent zip: each image transformed to ``resolution`` pixels and encoded by ``encode``
     (uint8 [B, 3, R, R] -> posterior mean ‖ std [B, 2C, R/8, R/8], e.g. ``StabilityVAE.encode``)."""
     files, classes = list_images(root, labels)
-    progress = _Progress(len(files), log)
+    progress = Progress(len(files), "images", every=30.0)
     done = 0
     with zip_writer(out) as add:
         pending: list[np.ndarray] = []
@@ -156,6 +149,44 @@ def latents_from_folder(root: str | os.PathLike, out: str | os.PathLike, encode:
                     add(item, None if classes is None else classes[done])
                     done += 1
                 pending = []
-                progress(done)
+                report(progress, done, log)
     log(f"{root}: {done} images encoded to latents {tuple(stats.shape[1:])} -> {out}")
     return done
+
+
+def prepare_data(settings: dict, out: str | os.PathLike, archive: str | None = None, vae: str | None = None,
+                 log: Log = print) -> None:
+    """The dataset zip of ``settings`` (its ``data.source``) in EDM's layout; ``archive`` / ``vae`` are the
+    downloaded inputs the sources ``cifar10-archive`` / ``vae-latents`` need."""
+    from sidcore.dataset import link_image_zip, read_image_zip, write_image_zip
+    from sidcore.errors import UserError
+    from sidcore.preflight import check_data_shape, check_data_source
+    data, source = settings["data"], settings["data"]["source"]
+    check_data_source(settings)
+
+    def required(value: str | None, flag: str) -> str:
+        if value is None:
+            raise UserError(f"prepare-data: data source {source} needs {flag}")
+        return value
+
+    if source == "sklearn-digits":
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]  # 0..16 → 0..255, [N, 1, 8, 8]
+        write_image_zip(out, images, digits.target)
+        log(f"{len(images)} digits ({images.shape[-1]}x{images.shape[-1]}, 10 classes) -> {out}")
+    elif source == "edm-zip":
+        check_data_shape(settings, read_image_zip(data["path"], use_labels=settings["label_dim"] > 0))
+        log(f"{data['path']}: {link_image_zip(data['path'], out)} items -> {out}")
+    elif source == "cifar10-archive":
+        cifar10_from_archive(required(archive, "--archive"), out, log=log)
+    elif source == "image-folder":
+        images_from_folder(data["path"], out, settings["resolution"], data["transform"], data["labels"], log=log)
+    elif source == "vae-latents":
+        from sidcore.latent import StabilityVAE
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        encoder = StabilityVAE(required(vae, "--vae"), device)
+        latents_from_folder(data["path"], out, encoder.encode, settings["latent"]["resolution"], data["labels"],
+                            transform=data["transform"], log=log)
+    else:
+        raise UserError(f"datasets.{settings['dataset']}.data.source={source!r} is not a known data source")

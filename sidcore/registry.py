@@ -1,8 +1,10 @@
 """The registry of downloadable artifacts (``sidcore/data/artifacts.yaml``).
 
-The YAML groups entries as ``group -> name -> {url, sha256, size, note}``; an artifact's key
-is ``"<group>/<name>"``, e.g. ``teacher/edm-cifar10-32x32-uncond-vp``. A plain ``http(s)://``
-or ``file://`` URL is accepted wherever a key is, as an artifact without registry metadata.
+The YAML groups entries as ``group -> name -> {url, sha256, size, kind, note}``; an artifact's key
+is ``"<group>/<name>"``, e.g. ``teacher/edm-cifar10-32x32-uncond-vp``. ``kind`` names the content
+check a first download must pass before its digest is pinned (:data:`sidcore.content.KINDS`). A plain
+``http(s)://`` or ``file://`` URL is accepted wherever a key is, as an artifact without registry
+metadata (no kind: its content is not checked).
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import re
 from dataclasses import dataclass
 
 from sidcore import strict_yaml
+from sidcore.content import KINDS
+from sidcore.errors import UserError
 
 URL_SCHEMES = ("http://", "https://", "file://")
-FIELDS = {"url", "sha256", "size", "note"}
+FIELDS = {"url", "sha256", "size", "kind", "note"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -28,6 +32,7 @@ class Artifact:
     sha256: str | None = None  # published lowercase hex digest, if any
     size: int | None = None  # bytes, if known
     note: str = ""
+    kind: str | None = None  # content kind (sidcore.content.KINDS); None for a bare URL
 
     @property
     def id(self) -> str:
@@ -41,14 +46,18 @@ def parse(text: str) -> dict[str, Artifact]:
     for group, entries in strict_yaml.loads(text, "sidcore/data/artifacts.yaml").items():
         for name, fields in entries.items():
             key = f"{group}/{name}"
-            if not isinstance(fields, dict) or "url" not in fields or set(fields) - FIELDS:
-                raise ValueError(f"registry entry {key}: expected fields {sorted(FIELDS)} with a url, got {fields!r}")
+            if not isinstance(fields, dict) or not {"url", "kind"} <= set(fields) or set(fields) - FIELDS:
+                raise ValueError(f"registry entry {key}: expected fields {sorted(FIELDS)} with a url and a kind, "
+                                 f"got {fields!r}")
+            if fields["kind"] not in KINDS:
+                raise ValueError(f"registry entry {key}: unknown kind {fields['kind']!r}; "
+                                 f"use one of {', '.join(KINDS)}")
             sha256, size = fields.get("sha256"), fields.get("size")
             if sha256 is not None and not _SHA256.fullmatch(sha256):
                 raise ValueError(f"registry entry {key}: sha256 must be 64 lowercase hex digits, got {sha256!r}")
             if size is not None and (not isinstance(size, int) or size <= 0):
                 raise ValueError(f"registry entry {key}: size must be a positive integer, got {size!r}")
-            table[key] = Artifact(key, fields["url"], sha256, size, fields.get("note") or "")
+            table[key] = Artifact(key, fields["url"], sha256, size, fields.get("note") or "", fields["kind"])
     return table
 
 
@@ -67,5 +76,5 @@ def lookup(key: str) -> Artifact:
     if key not in table:
         close = difflib.get_close_matches(key, table, n=5, cutoff=0.5)
         hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise KeyError(f"unknown artifact key {key!r}{hint}")
+        raise UserError(f"unknown artifact key {key!r} (sidcore/data/artifacts.yaml){hint}")
     return table[key]

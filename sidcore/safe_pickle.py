@@ -12,8 +12,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from sidcore.errors import UserError
 
-class UnsafePickleError(pickle.UnpicklingError):
+
+class UnsafePickleError(UserError, pickle.UnpicklingError):
     """A pickle asked for something outside the admitted globals."""
 
 
@@ -46,6 +48,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file, encoding=encoding)
         self.path = path
         self.admitted = admitted if admitted is not None else numpy_array_globals()
+
+    def load(self) -> Any:
+        """The pickle's content; a truncated or foreign file is a ``UserError`` naming it."""
+        try:
+            return super().load()
+        except UnsafePickleError:
+            raise
+        except Exception as e:  # noqa: BLE001 — whatever the bytes make the unpickler raise
+            raise UserError(f"{self.path}: not a readable pickle ({type(e).__name__}: {e}); the file is damaged or "
+                            "not what it should be: delete it and download it again") from None
 
     def find_class(self, module: str, name: str) -> Any:
         try:

@@ -11,11 +11,20 @@ def one_step(G, z: torch.Tensor, labels: torch.Tensor, init_sigma: float) -> tor
     return G(init_sigma * z, sigma, labels)
 
 
-def heun(net, z: torch.Tensor, labels: torch.Tensor, num_steps: int = 18, sigma_min: float = 0.002,
-         sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # EDM's noise levels (Karras et al. 2022), fixed in the official code
+
+
+def karras_sigma(s: torch.Tensor, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                 rho: float = RHO) -> torch.Tensor:
+    """σ(s) = (σ_max^{1/ρ} + s·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ (Karras et al. 2022, eq. 5): s = 0 → σ_max, 1 → σ_min."""
+    return (sigma_max ** (1 / rho) + s * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def heun(net, z: torch.Tensor, labels: torch.Tensor, num_steps: int = 18, sigma_min: float = SIGMA_MIN,
+         sigma_max: float = SIGMA_MAX, rho: float = RHO) -> torch.Tensor:
     """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Alg. 1); 2·num_steps − 1 evaluations."""
     i = torch.arange(num_steps, dtype=torch.float64, device=z.device)
-    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = karras_sigma(i / (num_steps - 1), sigma_min, sigma_max, rho)
     t = torch.cat([t, torch.zeros_like(t[:1])])
     x = z.to(torch.float64) * t[0]
     for k in range(num_steps):

@@ -3,12 +3,17 @@
 
 The launcher starts commands with these signals blocked, so one that comes while the interpreter starts
 stays pending. ``watch()`` runs first thing in ``main`` and unblocks them: a resumable command records a
-signal (the distillation loop takes it as if it had come during its first iteration); any other command
-gets the default action back.
+signal, any other command gets the default action back. The work polls ``requested()`` at points where it
+can stop cleanly (the distillation loop after each iteration, the evaluation before each block of images);
+a signal that came while the command was loading is seen at the first such point.
 """
 from __future__ import annotations
 
 import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidcore.distributed import Context
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 _received: list[int] = []
@@ -20,6 +25,7 @@ def block() -> None:
 
 
 def watch(resumable: bool) -> None:
+    """Take the stop signals over: recorded for ``requested()`` if ``resumable``, else their default action."""
     if resumable:
         for signum in STOP_SIGNALS:
             signal.signal(signum, lambda signum, frame: _received.append(signum))
@@ -33,5 +39,20 @@ def ignore() -> None:
 
 
 def received() -> int | None:
-    """The first stop signal ``watch`` recorded, if any."""
+    """The first stop signal this process recorded, if any."""
     return _received[0] if _received else None
+
+
+def requested(ctx: Context) -> signal.Signals | None:
+    """The stop signal any process of the job received (the highest number if several), or None.
+
+    A collective: every process calls it at the same point, and all get the same answer.
+    """
+    signum = received() or 0
+    if ctx.world_size > 1:
+        import torch
+        import torch.distributed as dist
+        agreed = torch.tensor([signum])  # on the host: the agreement never waits for the GPU
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
+        signum = int(agreed.item())
+    return signal.Signals(signum) if signum else None

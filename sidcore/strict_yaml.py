@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from sidcore.errors import UserError
+
 MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -26,14 +28,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def loads(text: str, source: str = "<string>") -> Any:
-    """Parse ``text``; a syntax error or a duplicate key raises ValueError '<source>, line L, column C: ...'."""
+    """Parse ``text``; a syntax error or a duplicate key raises UserError '<source>, line L, column C: ...'."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
         problem = e.problem or e.context or "invalid YAML"
-        raise ValueError(f"{where}: {problem}") from None
+        raise UserError(f"{where}: {problem}") from None
 
 
 def load(path: str | os.PathLike) -> Any:

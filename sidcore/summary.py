@@ -1,30 +1,29 @@
 """Mean ± std over evaluation runs (the papers report mean ± std over 10 independent runs)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 from sidcore import atomic
+from sidcore.errors import UserError
 
 
 def summarize(runs: list[dict], table: str, ddof: int) -> dict:
     """Mean ± std over runs of every metric (std with ``ddof``: 1 = sample standard deviation)."""
     if not runs:
-        raise ValueError("no evaluation runs to summarise")
+        raise UserError("no evaluation runs to summarise")
     first = runs[0]
     for r in runs[1:]:
         for key in ("dataset", "method", "alpha", "source", "model_sha256", "refs_sha256", "num_images", "detector"):
             if r.get(key) != first.get(key):
-                raise ValueError(f"evaluation runs disagree on {key}: {first.get(key)!r} vs {r.get(key)!r}")
+                raise UserError(f"evaluation runs disagree on {key}: {first.get(key)!r} vs {r.get(key)!r}")
     seen: dict[int, int] = {}
     for r in runs:
         for seed in r["seeds"]:
             if seed in seen:
-                raise ValueError(f"evaluation runs {seen[seed]} and {r['run']} share seed {seed}")
+                raise UserError(f"evaluation runs {seen[seed]} and {r['run']} share seed {seed}")
             seen[seed] = r["run"]
     metrics = {}
     for name in first["metrics"]:
@@ -32,7 +31,7 @@ def summarize(runs: list[dict], table: str, ddof: int) -> dict:
         std = float(values.std(ddof=ddof)) if len(values) > ddof else float("nan")
         metrics[name] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
     return {"dataset": first["dataset"], "table": table, "size": first.get("size"), "method": first["method"],
-            "alpha": first["alpha"], "source": first.get("source", "ours"), "released_key": first.get("released_key"),
+            "alpha": first["alpha"], "source": first["source"], "released_key": first.get("released_key"),
             "nfe": first["nfe"], "kimg": first["kimg"], "runs": len(runs), "num_images": first["num_images"],
             "detector": first["detector"], "detectors": first.get("detectors", {}), "std_ddof": ddof,
             "std": f"{'sample' if ddof == 1 else 'population'} standard deviation (ddof {ddof}) over the runs",
@@ -43,21 +42,3 @@ def summarize(runs: list[dict], table: str, ddof: int) -> dict:
 def write_json(obj: dict, path: str | os.PathLike) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     atomic.write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-def _summarize(args: argparse.Namespace) -> int:
-    settings = json.loads(args.settings)
-    runs = [json.loads(Path(p).read_text()) for p in args.runs]
-    summary = summarize(runs, settings["table"], settings["evaluation"]["std_ddof"])
-    write_json(summary, args.out)
-    print(", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary["metrics"].items())
-          + f" over {summary['runs']} runs")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("summarize", help="mean ± std over evaluation runs")
-    p.add_argument("--settings", required=True, help="resolved job settings (JSON)")
-    p.add_argument("--runs", nargs="+", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_summarize)

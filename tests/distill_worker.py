@@ -19,8 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_distill import fake_fid, settings  # noqa: E402
 
-from sidcore import checkpoint  # noqa: E402
-from sidcore import REQUEUE_EXIT  # noqa: E402
+from sidcore import REQUEUE_EXIT, checkpoint, stopping  # noqa: E402
 from sidcore.distill import Distiller  # noqa: E402
 from sidcore.distributed import init_from_env  # noqa: E402
 
@@ -44,6 +43,7 @@ def kill_during_state_write(n: int) -> None:
 
 
 def main() -> int:
+    stopping.watch(resumable=True)  # as the sidcore command does for distill
     root, out, method, batch_gpu, augment, what = sys.argv[1:7]
     if len(sys.argv) > 7:
         kill_during_state_write(int(sys.argv[7]))
@@ -60,10 +60,12 @@ def main() -> int:
     stats = {}
     if what == "grads":
         grads = {}
-        for name, opt, net in (("fake_score", distiller.opt_psi, distiller.fake_score), ("G", distiller.opt_G,
-                                                                                        distiller.G)):
-            opt.step = (lambda name, net: lambda: grads.setdefault(name, {k: p.grad.clone() for k, p in
-                                                                          net.named_parameters()}))(name, net)
+        def record(name: str, net: torch.nn.Module):
+            return lambda: grads.setdefault(name, {k: p.grad.clone() for k, p in net.named_parameters()})
+
+        for name, opt, net in (("fake_score", distiller.opt_psi, distiller.fake_score),
+                               ("G", distiller.opt_G, distiller.G)):
+            opt.step = record(name, net)
         distiller.iteration(stats)
         if ctx.is_main:
             checkpoint.save_atomic(grads, out / "grads.pt")

@@ -98,7 +98,7 @@ class LocalSlurm:
                 "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
 
     # --- start -----------------------------------------------------------------------------------------
-    def start(self) -> "LocalSlurm":
+    def start(self) -> LocalSlurm:
         for sub in ("etc", "state", "spool", "log", "run", "dev"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # mysql reads its own folder below

@@ -266,7 +266,7 @@ def test_draws_follow_stream_and_position_not_batch():
     pipe = AugmentPipe(0.5)
     y, labels = pipe(x, SampleNoise(5, range(100, 108)), "real")
     parts = [pipe(x[i:i + 4], SampleNoise(5, range(100 + i, 104 + i)), "real") for i in (0, 4)]
-    assert torch.equal(labels, torch.cat([l for _, l in parts]))
+    assert torch.equal(labels, torch.cat([part_labels for _, part_labels in parts]))
     y_parts = torch.cat([im for im, _ in parts])
     torch.testing.assert_close(y, y_parts, atol=1e-4, rtol=0)
     torch.testing.assert_close(y[..., 2:-2, 2:-2], y_parts[..., 2:-2, 2:-2], atol=1e-5, rtol=0)

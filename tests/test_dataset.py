@@ -146,6 +146,7 @@ def test_writer_rejects_mixed_labels_and_bad_items(tmp_path):
 
 def test_latents_from_folder_with_a_tiny_vae(folder, tmp_path):
     from diffusers import AutoencoderKL
+
     from sidcore.latent import StabilityVAE, scale_bias
     torch.manual_seed(0)
     AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,

@@ -1,15 +1,18 @@
 """The distillation loop on a tiny random teacher: outputs, stages, and resuming where a run stopped."""
 import copy
 import json
+import os
 import signal
 
 import numpy as np
 import pytest
 import torch
+from configured import job
 
-from sidcore import checkpoint
+from sidcore import checkpoint, stopping
 from sidcore.dataset import write_image_zip
 from sidcore.distill import Distiller
+from sidcore.model_selection import ModelSelection
 from sidcore.networks import build_network
 
 NETWORK = dict(arch="ddpmpp", img_resolution=8, img_channels=1, label_dim=10, model_channels=16,
@@ -17,15 +20,12 @@ NETWORK = dict(arch="ddpmpp", img_resolution=8, img_channels=1, label_dim=10, mo
 
 
 def settings(method: str, **distill) -> dict:
-    d = dict(batch=16, batch_gpu=8, lr=1e-4, glr=1e-4, g_beta1=0.0, fp16=False, dropout=0.0, augment=0.0,
-             ema_halflife_kimg=0.05, ema_rampup=0.05, init_sigma=2.5, tmax=800, P_mean=-1.2, P_std=1.2,
-             loss_scaling=1, loss_scaling_G=100, loss_scaling_D=1, loss_scaling_G_gan=0.01, clip_fake_grad=1.0,
-             stage_kimg=[0.032, 0.064], duration_kimg=0.16, tick_kimg=0.032, snap_ticks=2, eval_early_ticks=[0],
-             eval_first_tick=0, dump_ticks=1, keep_snapshots=2, eval_images=16, seed=3)
-    d.update(distill)
+    """The tiny experiment's settings of ``method`` at α = 1.2 with a toy network and budget (and ``distill``)."""
+    toy = dict(batch=16, batch_gpu=8, ema_halflife_kimg=0.05, clip_fake_grad=1.0, stage_kimg=[0.032, 0.064],
+               duration_kimg=0.16, tick_kimg=0.032, snap_ticks=2, eval_early_ticks=[0], dump_ticks=1,
+               keep_snapshots=2, eval_images=16, seed=3)
     net = {k: v for k, v in NETWORK.items() if k not in ("img_resolution", "img_channels", "label_dim")}
-    return {"dataset": "toy", "method": method, "alpha": 1.2, "init": None, "adversarial": method != "sid",
-            "network": net, "distill": d, "resolution": 8, "channels": 1, "label_dim": 10}
+    return job("tiny", method, 1.2, distill={**toy, **distill}, network=net, init=None)
 
 
 def make_toy(root):
@@ -109,43 +109,108 @@ def test_interrupted_run_resumes_bit_identically(files, tmp_path):
     assert (ref / "log.jsonl").read_text().count("\n") == (out / "log.jsonl").read_text().count("\n")
 
 
-class StoppedAtTheEnd(Distiller):
-    """Receives a stop signal during its last iteration."""
+@pytest.fixture
+def stop_signals(monkeypatch):
+    """This process takes the stop signals as a resumable command does (``stopping.watch``), for one test."""
+    monkeypatch.setattr(stopping, "_received", [])
+    previous = {signum: signal.getsignal(signum) for signum in stopping.STOP_SIGNALS}
+    stopping.watch(resumable=True)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+class SignalledAt(Distiller):
+    """Sends itself SIGUSR2 during the iteration that reaches ``stop_nimg`` images seen."""
+
+    def __init__(self, stop_nimg: int, *args, **kwargs):
+        self.stop_nimg = stop_nimg
+        super().__init__(*args, **kwargs)
 
     def iteration(self, stats):
         stage = super().iteration(stats)
-        if self.cur_nimg >= self.d["duration_kimg"] * 1000:
-            self.stop_signal = (signal.SIGUSR2, self.cur_nimg)
+        if self.cur_nimg == self.stop_nimg:
+            os.kill(os.getpid(), signal.SIGUSR2)
         return stage
 
 
-def test_a_run_stopped_after_its_last_iteration_resumes_without_another(files, tmp_path):
-    s = settings("sid")
-    ref, out = tmp_path / "ref", tmp_path / "stopped"
-    for d in (ref, out):
-        d.mkdir()
-    Distiller(s, files / "teacher.pt", files / "data.zip", ref).run(fake_fid, log=lambda m: None)
-    assert StoppedAtTheEnd(s, files / "teacher.pt", files / "data.zip", out).run(fake_fid, log=lambda m: None) is False
-    assert not (out / "generator.pt").exists()
+def log_records(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def timeless(run_dir):
+    """The log's records without what depends on the clock and the process (pace, peak memory)."""
+    return [{k: v for k, v in r.items() if k not in ("sec_per_kimg", "eta_sec", "peak_mem_mb")}
+            for r in log_records(run_dir)]
+
+
+def schedule(run_dir):
+    """What the log says independently of the clock and of where a run was interrupted."""
+    return [(r["tick"], r["kimg"], r["stage"], r.get("fid")) for r in log_records(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def reference(files, tmp_path_factory):
+    """A SiD run that nothing interrupted."""
+    out = tmp_path_factory.mktemp("reference")
+    Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", out).run(fake_fid, log=lambda m: None)
+    return out
+
+
+@pytest.mark.parametrize("stop_nimg", [64, 80, 160])  # mid-tick, at the end of tick 2, after the last iteration
+def test_a_stop_signal_saves_and_the_restart_keeps_the_ticks(files, reference, tmp_path, stop_signals, stop_nimg):
+    """Ticks end at 16, 48, 80, 112, 144 and 160 images (tick_kimg 0.032; tick 0 after one iteration). A run
+    stopped anywhere, resumed, has the same ticks, evaluations and weights as the run that was not stopped."""
+    s, ref, out = settings("sid"), reference, tmp_path
+    said = []
+    stopped = SignalledAt(stop_nimg, s, files / "teacher.pt", files / "data.zip", out)
+    assert stopped.run(fake_fid, log=said.append) is False
+    assert said[-1] == (f"SIGUSR2 received at {(stop_nimg - 16) / 1000:.3f} kimg: state saved at "
+                        f"{stop_nimg / 1000:.3f} kimg; exiting for requeue")
+    assert weights(out)["cur_nimg"] == stop_nimg and not (out / "generator.pt").exists()
+    stopping._received.clear()
     resumed = Distiller(s, files / "teacher.pt", files / "data.zip", out)
     assert resumed.run(fake_fid, log=lambda m: None) is True
-    assert resumed.cur_nimg == s["distill"]["duration_kimg"] * 1000  # no iteration past the end
+    assert resumed.cur_nimg == s["distill"].duration_kimg * 1000  # no iteration past the end
     a, b = weights(ref), weights(out)
     for key in ("G", "G_ema", "fake_score"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    assert (out / "generator.pt").exists()
+    assert schedule(out) == schedule(ref)
+    assert checkpoint.load(out / "generator.pt")["meta"] == checkpoint.load(ref / "generator.pt")["meta"]
 
 
-def test_resume_with_changed_settings_is_refused(files, tmp_path):
-    Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", tmp_path).run(fake_fid, log=lambda m: None)
-    with pytest.raises(ValueError, match="distill"):
-        Distiller(settings("sid", glr=3e-4), files / "teacher.pt", files / "data.zip", tmp_path)
+def test_a_run_killed_before_publishing_publishes_on_restart_what_it_would_have(files, reference, tmp_path,
+                                                                               monkeypatch):
+    """Killed after its last training state, before ``generator.pt`` and ``log.jsonl``: the restart neither
+    trains nor evaluates, and publishes the log as the run wrote it, line for line."""
+    s, ref, out = settings("sid"), reference, tmp_path
+
+    def killed(selection):
+        raise Preempted
+
+    with monkeypatch.context() as m:
+        m.setattr(ModelSelection, "publish", killed)
+        with pytest.raises(Preempted):
+            Distiller(s, files / "teacher.pt", files / "data.zip", out).run(fake_fid, log=lambda m: None)
+    written = (out / "progress.jsonl").read_text()
+    assert weights(out)["cur_nimg"] == 160 and not (out / "generator.pt").exists()
+
+    def evaluations_refused(G):
+        raise AssertionError("evaluated again")
+
+    resumed = Distiller(s, files / "teacher.pt", files / "data.zip", out)
+    assert resumed.run(evaluations_refused, log=lambda m: None) is True and resumed.cur_nimg == 160
+    assert (out / "log.jsonl").read_text() == written
+    assert timeless(out) == timeless(ref)
+    a, b = (checkpoint.load(d / "generator.pt") for d in (ref, out))
+    assert a["meta"] == b["meta"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
 def test_bf16_switches_every_network_to_bfloat16_compute(files, tmp_path):
     dist = Distiller(settings("sida", fp16=True, bf16=True), files / "teacher.pt", files / "data.zip", tmp_path)
     assert {net.half_dtype for net in (dist.true_score, dist.fake_score, dist.G, dist.G_ema)} == {torch.bfloat16}
-    assert Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", tmp_path / "b").G.half_dtype == torch.float16
+    sid = Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", tmp_path / "b")
+    assert sid.G.half_dtype == torch.float16
 
 
 @pytest.mark.parametrize("first_tick, evaluated", [(0, [0, 1, 2, 4, 5]), (3, [4, 5])])

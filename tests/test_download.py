@@ -1,7 +1,6 @@
 """Downloads against a local HTTP server on 127.0.0.1: resume, retries, checksums, lock file."""
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import json
@@ -12,8 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sidcore import download, registry
-from sidcore.download import DownloadError, VerificationError, fetch, verify
+from sidcore import cli, download, registry
+from sidcore.download import ContentError, DownloadError, VerificationError, fetch, verify
+from sidcore.errors import UserError
 from sidcore.registry import Artifact, lookup
 
 MAX_REQUESTS = 20  # per test; the server refuses anything beyond
@@ -25,7 +25,10 @@ class ServerState:
 
     files: dict[str, bytes] = field(default_factory=dict)
     redirects: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (target, X-Linked-Etag)
-    faults: list[int | str] = field(default_factory=list)  # per request, in order: HTTP status, "cut" or "no-range"
+    # Per request, in order: an HTTP status, or faults joined by "+": "cut" (half the body), "no-range"
+    # (ignores Range), "no-etag", "no-length" (no Content-Length), "over-announce" (Content-Length 10 too
+    # many), "stale-range" (ignores If-Range), "swap" (serves files[path + "~"] from then on).
+    faults: list[int | str] = field(default_factory=list)
     requests: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -53,17 +56,30 @@ class Handler(BaseHTTPRequestHandler):
         if too_many or isinstance(fault, int) or data is None:
             self.send_error(400 if too_many else fault if isinstance(fault, int) else 404)
             return
-        start = 0
-        if "Range" in self.headers and fault != "no-range":
-            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
-            self.send_response(206)
+        faults = set(fault.split("+")) if fault else set()
+        etag = f'"{sha(data)[:16]}"'
+        ranged = "Range" in self.headers and "no-range" not in faults
+        if ranged and self.headers.get("If-Range", etag) != etag and "stale-range" not in faults:
+            ranged = False  # the file changed since the client's part: send all of it
+        start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-")) if ranged else 0
+        if start >= len(data) > 0:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(206 if ranged else 200)
+        if ranged:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
+        if "no-etag" not in faults:
+            self.send_header("ETag", etag)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if "no-length" not in faults:
+            self.send_header("Content-Length", str(len(body) + 10 * ("over-announce" in faults)))
         self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if fault == "cut" else body)
+        self.wfile.write(body[: len(body) // 2] if "cut" in faults else body)
+        if "swap" in faults:
+            self.state.files[self.path] = self.state.files[self.path + "~"]
         self.close_connection = True
 
 
@@ -107,7 +123,8 @@ def test_complete_download_with_known_sha256(blob, state, tmp_path, capsys):
     assert out.read_bytes() == data
     assert not out.with_name("blob.bin.part").exists()
     assert len(state.requests) == 1 and "Range" not in state.requests[0]
-    assert json.loads((tmp_path / "lock.json").read_text())["test/blob"] == {"sha256": sha(data), "size": len(data), "url": url}
+    pinned = json.loads((tmp_path / "lock.json").read_text())["test/blob"]
+    assert pinned == {"sha256": sha(data), "size": len(data), "url": url}
     assert "MB/s" in capsys.readouterr().err
 
 
@@ -118,6 +135,8 @@ def test_cut_transfer_resumes_with_range(blob, state, tmp_path):
     assert out.read_bytes() == data
     assert len(state.requests) == 2
     assert state.requests[1]["Range"] == f"bytes={len(data) // 2}-"
+    assert state.requests[1]["If-Range"] == f'"{sha(data)[:16]}"'  # the first response's ETag
+    assert not (tmp_path / "blob.bin.part.origin").exists()
 
 
 def test_range_ignored_restarts_from_zero(blob, state, tmp_path):
@@ -239,17 +258,16 @@ def test_file_url(tmp_path):
 
 def test_command_line(blob, tmp_path, capsys):
     url, data = blob
-    parser = argparse.ArgumentParser()
-    download.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["download", url, "--out", str(tmp_path / "blob.bin"), "--lock", str(tmp_path / "lock.json"), "--timeout", "5"])
-    assert args.func(args) == 0 and (tmp_path / "blob.bin").read_bytes() == data
-    args = parser.parse_args(["download", "teacher/no-such-teacher", "--out", str(tmp_path / "x.pkl")])
-    assert args.func(args) == 1
-    assert "teacher/no-such-teacher" in capsys.readouterr().err
+    assert cli.main(["download", url, "--out", str(tmp_path / "blob.bin"), "--lock", str(tmp_path / "lock.json"),
+                     "--timeout", "5"]) == 0
+    assert (tmp_path / "blob.bin").read_bytes() == data
+    assert cli.main(["download", "teacher/no-such-teacher", "--out", str(tmp_path / "x.pkl")]) == cli.USER_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert "teacher/no-such-teacher" in err and "Traceback" not in err
 
 
 def test_unknown_key_names_it_and_close_matches():
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(UserError) as info:
         lookup("teacher/edm-cifar10-32x32-uncond")
     message = str(info.value)
     assert "teacher/edm-cifar10-32x32-uncond" in message and "teacher/edm-cifar10-32x32-uncond-vp" in message
@@ -300,3 +318,89 @@ def test_digest_published_with_the_redirect_is_checked(blob, state, tmp_path, pu
             fetch(art, out, tmp_path / "lock.json", **FAST)
         assert not out.exists() and not (tmp_path / "blob.bin.part").exists()
         assert not (tmp_path / "lock.json").exists()
+
+
+# ----------------------------------------------------------------------------
+# Resumes only onto a part whose origin is confirmed; announced lengths.
+
+
+@pytest.fixture
+def changing(blob, state) -> tuple[str, bytes, bytes]:
+    """URL of a file, its content and what it becomes (same length) after a response with the "swap" fault."""
+    url, old = blob
+    new = os.urandom(len(old))
+    state.files["/blob.bin~"] = new
+    return url, old, new
+
+
+def test_changed_file_replaces_the_part(changing, state, tmp_path):
+    """The resume's If-Range no longer matches: the server sends the whole new file, which is not appended."""
+    url, old, new = changing
+    state.faults = ["cut+swap"]
+    out = fetch(url, tmp_path / "blob.bin", tmp_path / "lock.json", **FAST)
+    assert out.read_bytes() == new and len(state.requests) == 2
+    assert state.requests[1]["If-Range"] == f'"{sha(old)[:16]}"'
+    assert json.loads((tmp_path / "lock.json").read_text())[url]["sha256"] == sha(new)
+
+
+def test_range_answer_with_another_etag_restarts(changing, state, tmp_path):
+    url, _, new = changing
+    state.faults = ["cut+swap", "stale-range"]  # ignores If-Range, but its ETag tells the file changed
+    out = fetch(url, tmp_path / "blob.bin", **FAST)
+    assert out.read_bytes() == new and len(state.requests) == 3
+    assert "Range" not in state.requests[2]
+
+
+def test_part_without_validator_is_not_resumed(blob, state, tmp_path):
+    url, data = blob
+    state.faults = ["cut+no-etag"]
+    out = fetch(Artifact("test/blob", url, sha256=sha(data)), tmp_path / "blob.bin", **FAST)
+    assert out.read_bytes() == data and len(state.requests) == 2
+    assert "Range" not in state.requests[1]
+
+
+def test_part_of_an_earlier_run_is_resumed(blob, state, tmp_path):
+    url, data = blob
+    state.faults = ["cut", 404]
+    with pytest.raises(DownloadError, match="404"):
+        fetch(url, tmp_path / "blob.bin", **FAST)
+    assert (tmp_path / "blob.bin.part").stat().st_size == len(data) // 2
+    out = fetch(url, tmp_path / "blob.bin", **FAST)
+    assert out.read_bytes() == data
+    assert state.requests[-1]["Range"] == f"bytes={len(data) // 2}-"
+
+
+def test_range_answer_with_another_total_restarts(blob, state, tmp_path):
+    url, old = blob
+    new = os.urandom(len(old) + 100)
+    state.files["/blob.bin~"] = new
+    state.faults = ["cut+swap", "stale-range+no-etag"]  # ignores If-Range, no ETag: only the total tells
+    out = fetch(url, tmp_path / "blob.bin", **FAST)
+    assert out.read_bytes() == new and len(state.requests) == 3
+    assert "Range" not in state.requests[2]
+
+
+def test_announced_length_is_checked_with_a_known_digest(blob, state, tmp_path):
+    """Right bytes, but never as many as announced: refused although the sha256 would match."""
+    url, data = blob
+    state.faults = ["over-announce"] * 6
+    out, lock = tmp_path / "blob.bin", tmp_path / "lock.json"
+    with pytest.raises(ContentError) as info:
+        fetch(Artifact("test/blob", url, sha256=sha(data)), out, lock, retries=1, **FAST)
+    message = str(info.value)
+    assert f"expected {len(data) + 10:,} bytes as the server announced, got {len(data):,}" in message
+    assert "test/blob" in message and url in message and "nothing was pinned" in message
+    assert not out.exists() and not (tmp_path / "blob.bin.part").exists() and not lock.exists()
+
+
+def test_download_errors_are_user_errors():
+    assert issubclass(ContentError, VerificationError) and issubclass(DownloadError, UserError)
+
+
+def test_registry_kind_is_required_and_known():
+    with pytest.raises(ValueError, match="refs/a.*kind"):
+        registry.parse("refs:\n  a:\n    url: https://example.org/a\n")
+    with pytest.raises(ValueError, match="refs/a: unknown kind 'npz'; use one of .*stats-npz"):
+        registry.parse("refs:\n  a:\n    url: https://example.org/a\n    kind: npz\n")
+    table = registry.parse("refs:\n  a:\n    url: https://example.org/a\n    kind: stats-npz\n")
+    assert table["refs/a"].kind == "stats-npz"

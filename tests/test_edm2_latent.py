@@ -4,14 +4,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from configured import job
 from PIL import Image
 
 from sidcore import checkpoint, evaluate, latent
 from sidcore.dataset import read_image_zip, write_latent_zip
 from sidcore.distill import Distiller
 from sidcore.evaluate import Evaluator
-from sidcore.networks.edm2 import MPConv
 from sidcore.networks import build_network
+from sidcore.networks.edm2 import MPConv
 from sidcore.sampling import LabelSampler
 
 TEACHER = dict(arch="edm2", img_resolution=8, img_channels=4, label_dim=10, model_channels=16, channel_mult=[1, 2],
@@ -20,16 +21,13 @@ PIXELS = 64  # the tiny VAE downsamples by 8, like the SD VAE: 64×64 pixels <->
 
 
 def settings(method: str) -> dict:
-    d = dict(batch=8, batch_gpu=4, lr=1e-4, glr=1e-4, g_beta1=0.0, fp16=True, dropout=0.0, augment=0.0,
-             ema_halflife_kimg=0.05, ema_rampup=0.05, init_sigma=2.5, tmax=800, P_mean=-0.4, P_std=1.0,
-             loss_scaling=1, loss_scaling_G=100, loss_scaling_D=100, loss_scaling_G_gan=0.01, clip_fake_grad=None,
-             stage_kimg=[0.008, 0.016], duration_kimg=0.032, tick_kimg=0.008, snap_ticks=2, eval_early_ticks=[0],
-             eval_first_tick=0, dump_ticks=2, keep_snapshots=2, eval_images=8, seed=5, force_normalization=True,
-             return_logvar=True)
+    """EDM2-XS's settings of ``method`` at α = 1.0 with a toy network, latents and budget."""
+    toy = dict(batch=8, batch_gpu=4, lr=1e-4, glr=1e-4, ema_halflife_kimg=0.05, ema_rampup=0.05,
+               stage_kimg=[0.008, 0.016], duration_kimg=0.032, tick_kimg=0.008, snap_ticks=2, eval_early_ticks=[0],
+               eval_first_tick=0, dump_ticks=2, keep_snapshots=2, eval_images=8, seed=5, return_logvar=True)
     network = {k: v for k, v in TEACHER.items() if k not in ("img_resolution", "img_channels", "label_dim", "logvar")}
-    return {"dataset": "toy-edm2", "method": method, "alpha": 1.0, "init": None, "adversarial": method != "sid",
-            "network": network, "distill": d, "resolution": 8, "channels": 4, "label_dim": 10,
-            "latent": {"vae": "vae/tiny", "resolution": PIXELS}}
+    return job("edm2-xs", method, 1.0, distill=toy, network=network, init=None, dataset="toy-edm2", resolution=8,
+               label_dim=10, latent={"vae": "vae/tiny", "resolution": PIXELS})
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from configured import job
+from test_distill import make_toy
 
-from sidcore import REQUEUE_EXIT, commands, stopping
+from sidcore import REQUEUE_EXIT, checkpoint, cli, stopping
 from sidcore.detectors import digits
 from sidcore.download import sha256_file
 from sidcore.evaluate import BLOCK_STRIDE, num_blocks, rank_seeds, run_seed
 from sidcore.metrics import save_reference
+from sidcore.settings import dumps, for_stage
 from sidcore.summary import summarize
-from test_distill import make_toy
 
 RUNS, NUM_IMAGES, BATCH = 3, 36, 8  # 5 blocks per run, the last one short
 
@@ -46,6 +48,8 @@ def test_block_and_run_ranges_are_enforced():
 def toy(tmp_path_factory):
     """Data, a random tiny network used as generator, a briefly trained digit detector, reference statistics."""
     root = make_toy(tmp_path_factory.mktemp("eval"))
+    teacher = checkpoint.load_snapshot(root / "teacher.pt")  # a generator: the network and the σ_init it samples at
+    checkpoint.save_atomic({**teacher, "meta": {"init_sigma": 2.5}}, root / "generator.pt")
     images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (64, 1, 8, 8), dtype=np.uint8))
     net, accuracy = digits.train_digit_classifier(images, torch.arange(64) % 10, seed=0, epochs=1)
     digits.save_digit_classifier(net, accuracy, root / "detector.pt")
@@ -56,15 +60,15 @@ def toy(tmp_path_factory):
 
 
 def settings(**evaluation) -> dict:
-    return {"dataset": "toy", "method": "sid", "alpha": 1.2, "resolution": 8, "channels": 1, "label_dim": 10,
-            "network": {}, "detector": {"name": "sidcore-digits"}, "metrics": ["fid", "is"],
-            "distill": {"init_sigma": 2.5},
-            "evaluation": {"runs": RUNS, "num_images": NUM_IMAGES, "batch": BATCH, "seed": 7, **evaluation}}
+    """What an evaluation job of the tiny experiment's SiD α = 1.2 reads, with a toy budget."""
+    s = job("tiny", "sid", 1.2, evaluation={"runs": RUNS, "num_images": NUM_IMAGES, "batch": BATCH, "seed": 7,
+                                             **evaluation})
+    return for_stage(s, "evaluate_generator")
 
 
 def argv(toy: Path, outdir: Path, **evaluation) -> list[str]:
-    return ["evaluate", "--settings", json.dumps(settings(**evaluation)), "--kind", "generator",
-            "--model", str(toy / "teacher.pt"), "--data", str(toy / "data.zip"), "--refs", str(toy / "refs.npz"),
+    return ["evaluate", "--settings", dumps(settings(**evaluation)), "--kind", "generator",
+            "--model", str(toy / "generator.pt"), "--data", str(toy / "data.zip"), "--refs", str(toy / "refs.npz"),
             "--detector-weights", str(toy / "detector.pt"), "--outdir", str(outdir)]
 
 
@@ -92,7 +96,7 @@ def run_processes(args: list[str], world: int) -> None:
 
 @pytest.mark.slow
 def test_two_processes_evaluate_the_same_images_as_one(toy, tmp_path):
-    assert commands.evaluate(commands_args(argv(toy, tmp_path / "one"))) == 0
+    assert evaluate(argv(toy, tmp_path / "one")) == 0
     run_processes(argv(toy, tmp_path / "two"), world=2)
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     for a, b in zip(one, two):
@@ -105,21 +109,18 @@ def test_two_processes_evaluate_the_same_images_as_one(toy, tmp_path):
     assert len({a["metrics"]["fid"] for a in one}) == RUNS  # independent runs give different values
 
 
-def commands_args(args: list[str]):
-    import argparse
-    parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers())
-    return parser.parse_args(args)
+def evaluate(args: list[str]) -> int:
+    return cli.main(args)
 
 
 def test_run_record_names_what_was_measured_and_the_summary_gives_mean_and_std(toy, tmp_path):
     out = tmp_path / "eval"
-    assert commands.evaluate(commands_args(argv(toy, out))) == 0
+    assert evaluate(argv(toy, out)) == 0
     runs = records(out)
     first = runs[0]
     assert first["metric_names"] == ["fid", "is"] and set(first["metrics"]) == {"fid", "is"}
     assert first["num_images"] == NUM_IMAGES and first["detector"] == "sidcore-digits"
-    assert first["model_sha256"] == sha256_file(toy / "teacher.pt")
+    assert first["model_sha256"] == sha256_file(toy / "generator.pt")
     assert first["refs_sha256"] == sha256_file(toy / "refs.npz")
     assert first["seeds"] == [run_seed(7, 0, b) for b in range(num_blocks(NUM_IMAGES, BATCH))]
     assert first["source"] == "ours" and first["released_key"] is None
@@ -135,15 +136,15 @@ def test_run_record_names_what_was_measured_and_the_summary_gives_mean_and_std(t
 
 def test_a_stop_signal_keeps_finished_runs_and_the_rerun_does_the_rest(toy, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
-    assert commands.evaluate(commands_args(argv(toy, reference))) == 0
+    assert evaluate(argv(toy, reference)) == 0
     out = tmp_path / "stopped"
     out.mkdir()
     (out / "run0.json").write_text((reference / "run0.json").read_text())  # finished before the requeue
     stale = {**json.loads((reference / "run1.json").read_text()), "model_sha256": "another model"}
     (out / "run1.json").write_text(json.dumps(stale))
     monkeypatch.setattr(stopping, "received", lambda: 12)  # SIGUSR2 before run 1 starts
-    assert commands.evaluate(commands_args(argv(toy, out))) == REQUEUE_EXIT
+    assert evaluate(argv(toy, out)) == REQUEUE_EXIT
     monkeypatch.undo()
-    assert commands.evaluate(commands_args(argv(toy, out))) == 0
+    assert evaluate(argv(toy, out)) == 0
     for a, b in zip(records(reference), records(out)):
         assert a == b  # run 0 kept, run 1 (stale) and run 2 computed again

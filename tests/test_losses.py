@@ -7,9 +7,10 @@ import torch
 
 from sidcore import losses
 from sidcore.augment import AugmentPipe
-from sidcore.distill import Distiller, ema_beta, sanitize_grads
-from sidcore.settings import batch_arithmetic
+from sidcore.distill import Distiller, sanitize_grads
+from sidcore.ema import ema_beta
 from sidcore.randomness import Noise, SampleNoise
+from sidcore.settings import batch_arithmetic
 
 
 class TorchNoise(Noise):
@@ -207,8 +208,8 @@ def test_ema_beta_matches_reference_values():
 
 def test_three_stage_schedule():
     def stage(nimg, adversarial=True):
-        return Distiller.stage(SimpleNamespace(settings={"adversarial": adversarial}, d={"stage_kimg": [100, 200]},
-                                               cur_nimg=nimg))
+        return Distiller.stage(SimpleNamespace(settings={"adversarial": adversarial},
+                                               d=SimpleNamespace(stage_kimg=(100, 200)), cur_nimg=nimg))
     assert [stage(n) for n in (0, 100_000, 100_001, 200_000, 200_001)] == [1, 1, 2, 2, 3]
     assert stage(0, adversarial=False) == 2
 

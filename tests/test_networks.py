@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from layouts import assert_layout
 from torch.nn.functional import silu
 
-from layouts import assert_layout
 from sidcore import checkpoint
 from sidcore.networks import build_network, count_parameters
 from sidcore.networks.layers import PositionalEmbedding

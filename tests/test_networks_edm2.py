@@ -1,10 +1,19 @@
 """EDM2 networks: NVIDIA's layout and sizes for XS … XXL, magnitude preservation, SiDA's return modes."""
 import pytest
 import torch
-
 from layouts import assert_layout, read_layout
-from sidcore.networks.edm2 import (EDM2Precond, MPConv, MPFourier, force_weight_normalization_, mp_cat, mp_silu,
-                                   mp_sum, normalize, resample)
+
+from sidcore.networks.edm2 import (
+    EDM2Precond,
+    MPConv,
+    MPFourier,
+    force_weight_normalization_,
+    mp_cat,
+    mp_silu,
+    mp_sum,
+    normalize,
+    resample,
+)
 
 SIZES = {"xs": (128, 124_713_253), "s": (192, 280_212_837), "m": (256, 497_807_781), "l": (320, 777_498_085),
          "xl": (384, 1_119_283_749), "xxl": (448, 1_523_164_773)}

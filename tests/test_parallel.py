@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distill import make_toy
 
 from sidcore import REQUEUE_EXIT, checkpoint
-from test_distill import make_toy
 
 WORKER = Path(__file__).parent / "distill_worker.py"
 ITERATIONS = 5  # reaches SiDA's third stage (stage_kimg 0.016, 0.032 at 16 images per iteration)

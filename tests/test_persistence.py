@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nvidia_pickle import SENTINEL, write_network_pickle
+
 from sidcore import checkpoint, persistence
 from sidcore.networks import build_network
 from sidcore.safe_pickle import UnsafePickleError
@@ -111,6 +111,20 @@ def test_converted_snapshot_loads_without_pickled_code(tmp_path):
     assert network["arch"] == "edm2" and network["logvar"] is True
     for k, v in net.half().float().state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="teacher.pt: a network snapshot without init_sigma"):
+        checkpoint.init_sigma(snap, tmp_path / "teacher.pt")
+
+
+def test_a_converted_generator_says_how_to_sample_it(tmp_path):
+    net, settings = make("edm2-sid-generator")
+    write("edm2-sid-generator", net, tmp_path / "sid.pkl")
+    network = json.dumps({**interface("edm2-sid-generator"), **settings})
+    r = subprocess.run([sys.executable, "-m", "sidcore.cli", "convert-network", "--src", "sid.pkl", "--out", "sid.pt",
+                        "--network", network, "--sampling", '{"init_sigma": 2.5, "vae": "vae/sd-vae-ft-mse"}'],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    snap = checkpoint.load_snapshot(tmp_path / "sid.pt")
+    assert checkpoint.init_sigma(snap, tmp_path / "sid.pt") == 2.5 and snap["meta"]["vae"] == "vae/sd-vae-ft-mse"
 
 
 class Exploit:

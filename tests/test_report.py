@@ -1,7 +1,6 @@
 """Tables against the paper's numbers, training-curve plots, and the paper data file."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -10,17 +9,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from sidcore import cli
 from sidcore.report import paper, plot, tabulate
 
 PAPER_CSV = Path(paper.DATA_FILE)
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    subparsers = parser.add_subparsers(required=True)
-    tabulate.register(subparsers)
-    plot.register(subparsers)
-    args = parser.parse_args(argv)
+    """Run a report command; its outputs besides ``--out`` go beside it (errors propagate)."""
+    out = Path(argv[argv.index("--out") + 1])
+    extra = ["--markdown" if argv[0] == "tabulate" else "--pdf",
+             str(out.with_suffix(".md" if argv[0] == "tabulate" else ".pdf"))]
+    args = cli.parser().parse_args([*argv, *extra])
     return args.func(args)
 
 

@@ -1,7 +1,6 @@
 """The α ablation, the cost table, the sample figures and the claims: what each reads and decides."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -11,19 +10,22 @@ import pandas as pd
 import pytest
 import torch
 
-from sidcore import checkpoint
+from sidcore import checkpoint, cli
 from sidcore.dataset import write_image_zip
 from sidcore.networks import build_network
-from sidcore.report import ablation, claims, cost, figure
+from sidcore.report import ablation, claims, figure
 
 TINY_NET = dict(arch="ddpmpp", img_resolution=8, img_channels=1, label_dim=10, model_channels=16,
                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=0, dropout=0.0)
 
 
-def run_cli(module, *argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    module.register(parser.add_subparsers(required=True))
-    args = parser.parse_args(argv)
+def run_cli(*argv: str) -> int:
+    """Run a report command; its Markdown (and the ablation's PDF) go beside ``--out`` / ``--plot``."""
+    out = Path(argv[argv.index("--out") + 1])
+    extra = ["--markdown", str(out.with_suffix(".md"))]
+    if argv[0] == "ablation":
+        extra += ["--pdf", str(Path(argv[argv.index("--plot") + 1]).with_suffix(".pdf"))]
+    args = cli.parser().parse_args([*argv, *extra])
     return args.func(args)
 
 
@@ -47,7 +49,7 @@ def test_ablation_tabulates_each_run_at_its_last_evaluation_and_plots_fid_and_is
             for a, f in ((0.0, 20.0), (1.0, 8.0), (1.5, float("nan")))}
     out, plot = tmp_path / "t" / "ablation.csv", tmp_path / "p" / "ablation.png"
     argv = [x for a, log in logs.items() for x in ("--run", "sida", str(a), str(log))]
-    assert run_cli(ablation, "ablation", *argv, "--run", "sid2a", "1.0", str(logs[1.0]), "--title", "t",
+    assert run_cli("ablation", *argv, "--run", "sid2a", "1.0", str(logs[1.0]), "--title", "t",
                    "--out", str(out), "--plot", str(plot)) == 0
     frame = pd.read_csv(out)
     assert list(frame["method"]) == ["SiDA", "SiDA", "SiDA", "SiD²A"]
@@ -74,7 +76,7 @@ def test_cost_reads_speed_memory_and_wall_time_and_puts_table_8_beside(tmp_path:
     bench = tmp_path / "bench.tsv"
     bench.write_text("s\th:m:s\tmax_rss\n7200.0\t2:00:00\t100\n")
     out = tmp_path / "cost.csv"
-    assert run_cli(cost, "cost", "--run", "cifar10-uncond", "cifar10-uncond", "sid2a", "1.2", str(log), str(bench),
+    assert run_cli("cost", "--run", "cifar10-uncond", "cifar10-uncond", "sid2a", "1.2", str(log), str(bench),
                    "--run", "tiny", "tiny", "sid", "1.0", str(log), str(bench), "--out", str(out)) == 0
     rows = pd.read_csv(out, keep_default_na=False).to_dict("records")
     # Ticks after the first run at 3, 4 and 5 s/kimg: the median is 4; 10M images take 4e4 s.
@@ -93,7 +95,7 @@ def test_cost_names_a_log_without_the_fields_it_needs(tmp_path: Path) -> None:
     bench = tmp_path / "b.tsv"
     bench.write_text("s\n1.0\n")
     with pytest.raises(ValueError, match=f"{log}: tick records lack 'device'"):
-        run_cli(cost, "cost", "--run", "tiny", "tiny", "sid", "1.0", str(log), str(bench), "--out",
+        run_cli("cost", "--run", "tiny", "tiny", "sid", "1.0", str(log), str(bench), "--out",
                 str(tmp_path / "c.csv"))
     assert not (tmp_path / "c.csv").exists()
 
@@ -159,12 +161,12 @@ def test_claims_command_writes_table_and_plot(tmp_path: Path) -> None:
         args += ["--run", method, alpha, str(log), str(write_summary(tmp_path / f"{method}.json", 5.0, 0.1))]
     args += ["--ablation", "1.0", str(tmp_path / "sida.jsonl")]
     out = tmp_path / "claims" / "x.csv"
-    assert run_cli(claims, "claims", *args, "--out", str(out), "--plot", str(out.with_suffix(".png"))) == 0
+    assert run_cli("claims", *args, "--out", str(out), "--plot", str(out.with_suffix(".png"))) == 0
     frame = pd.read_csv(out)
     assert list(frame["claim"]) == list("abcde") and set(frame["held"]) <= {"held", "not held"}
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="need SiDA at α 1.0, the SiD run SiD²A starts from"):
-        run_cli(claims, "claims", *args[:4], *args[4:], "--sid2a-init-alpha", "1.0", "--out", str(out),
+        run_cli("claims", *args[:4], *args[4:], "--sid2a-init-alpha", "1.0", "--out", str(out),
                 "--plot", str(out.with_suffix(".png")))
 
 

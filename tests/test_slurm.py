@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from slurm_localhost import PARTITION, LocalSlurm, conflicting_conf, missing_binaries
 
 from sidcore import checkpoint
-from slurm_localhost import PARTITION, LocalSlurm, conflicting_conf, missing_binaries
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -164,8 +164,9 @@ def test_a_job_that_dies_without_a_result_is_reported_without_accounting(slurm, 
     env = {**client_env(slurm)}
     env["PATH"] = f"{shim.parent}{os.pathsep}{env['PATH']}"
     p = subprocess.Popen([str(BIN / "sidcore"), "launch", "--executor", "slurm", "--name", "lost", "--partition",
-                          PARTITION, "--gpus-per-node", "2", "--time-min", "5", "--mem-mb", "2048", "--lost-after-s", "5",
-                          "--logdir", str(logdir), "--", "ddp-check", "--out", str(tmp_path / "x.json")],
+                          PARTITION, "--gpus-per-node", "2", "--time-min", "5", "--mem-mb", "2048",
+                          "--lost-after-s", "5", "--logdir", str(logdir), "--", "ddp-check", "--out",
+                          str(tmp_path / "x.json")],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def tasks():
@@ -208,7 +209,7 @@ def distill_command(work: Path, outdir: Path, kimg: float) -> list[str]:
     """The distill command of tiny's SiD α=1.0 as the workflow runs it (from its dry-run), ``kimg`` long."""
     r = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--configfile", "short.yaml", "--force", GENERATOR],
                        cwd=work, capture_output=True, text=True, check=True)
-    line = next(x for x in r.stdout.splitlines() if "sidcore launch" in x)
+    line = next(x for x in r.stdout.splitlines() if "sidcore launch" in x and " -- distill " in x)
     argv = shlex.split(line.split(" -- ", 1)[1].split(" > ", 1)[0])
     argv[argv.index("--outdir") + 1] = str(outdir)
     settings = json.loads(argv[argv.index("--settings") + 1])

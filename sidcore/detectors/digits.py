@@ -6,7 +6,6 @@ exposed to torch-fidelity as the feature extractor ``sidcore-digits``.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import time
@@ -20,7 +19,9 @@ from torch import nn
 from torch_fidelity import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from sidcore import checkpoint
 from sidcore.atomic import atomic_path
+from sidcore.errors import UserError
 
 EXTRACTOR_NAME = "sidcore-digits"
 CHECKPOINT_KIND = "digitnet"
@@ -137,10 +138,10 @@ def save_digit_classifier(net: DigitNet, test_accuracy: float, path: str | os.Pa
 
 def load_digit_classifier(path: str | os.PathLike) -> tuple[DigitNet, float]:
     """Load a checkpoint written by :func:`save_digit_classifier`; returns (net in eval mode, held-out accuracy)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = checkpoint.load(path, "digit classifier checkpoint")
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if kind != CHECKPOINT_KIND or ckpt.get("feature_dim") != FEATURE_DIM:
-        raise ValueError(f"{path}: not a {CHECKPOINT_KIND} checkpoint (kind={kind!r})")
+        raise UserError(f"{path}: not a {CHECKPOINT_KIND} checkpoint (kind={kind!r})")
     net = DigitNet()
     net.load_state_dict(ckpt["state_dict"], strict=True)
     net.eval().requires_grad_(False)
@@ -189,25 +190,14 @@ if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(EXTRACTOR_NAME, DigitFeatureExtractor)
 
 
-def _train_detector(args: argparse.Namespace) -> int:
+def train_detector(data_path: str, out: str, seed: int = 0, epochs: int = 20, log=print) -> None:
+    """Train the digit classifier on a labelled zip of 8×8 digits and save it to ``out``."""
     from sidcore.dataset import read_image_zip
-
-    data = read_image_zip(args.data)
+    data = read_image_zip(data_path)
     if data.labels is None:
-        raise SystemExit(f"{args.data}: the classifier needs a labelled dataset")
+        raise UserError(f"{data_path}: the classifier needs a labelled dataset")
     start = time.perf_counter()
-    net, test_accuracy = train_digit_classifier(data.load(torch.arange(len(data))), data.labels,
-                                                seed=args.seed, epochs=args.epochs)
-    save_digit_classifier(net, test_accuracy, args.out)
-    print(f"held-out accuracy {test_accuracy:.4f} ({time.perf_counter() - start:.1f} s) -> {args.out}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train-detector",
-                              help="train the digit classifier used as FID/IS detector (tiny experiment)")
-    p.add_argument("--data", required=True, help="labelled EDM-layout zip of 8x8 grayscale digits")
-    p.add_argument("--out", required=True, help="checkpoint path to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=20)
-    p.set_defaults(func=_train_detector)
+    net, test_accuracy = train_digit_classifier(data.load(torch.arange(len(data))), data.labels, seed=seed,
+                                                epochs=epochs)
+    save_digit_classifier(net, test_accuracy, out)
+    log(f"held-out accuracy {test_accuracy:.4f} ({time.perf_counter() - start:.1f} s) -> {out}")

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from sidcore import checkpoint
 from sidcore.detectors.local import LocalExtractor
+from sidcore.errors import UserError
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
@@ -67,15 +69,15 @@ def load_dinov2(path: str | os.PathLike) -> VisionTransformer:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DINOv2 checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.load(path, "DINOv2 checkpoint")
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        raise ValueError(f"{path}: not a DINOv2 state dict in the facebookresearch layout "
+        raise UserError(f"{path}: not a DINOv2 state dict in the facebookresearch layout "
                          f"(needs {', '.join(REQUIRED_KEYS)})")
     dim = state["cls_token"].shape[-1]
     patch = state["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     if dim % HEAD_DIM or INPUT_SIZE % patch or depth < 1 or "blocks.0.mlp.fc1.weight" not in state:
-        raise ValueError(f"{path}: unsupported DINOv2 shape (width {dim}, patch {patch}, {depth} blocks)")
+        raise UserError(f"{path}: unsupported DINOv2 shape (width {dim}, patch {patch}, {depth} blocks)")
     model = VisionTransformer(
         img_size=INPUT_SIZE, patch_size=patch, embed_dim=dim, depth=depth, num_heads=dim // HEAD_DIM,
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim, init_values=1.0, num_classes=0,
@@ -85,7 +87,7 @@ def load_dinov2(path: str | os.PathLike) -> VisionTransformer:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: does not match a DINOv2 ViT ({err})") from err
+        raise UserError(f"{path}: does not match a DINOv2 ViT ({err})") from err
     return model.eval().requires_grad_(False)
 
 

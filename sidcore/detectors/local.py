@@ -6,6 +6,8 @@ import os
 import torch
 from torch_fidelity import FeatureExtractorBase
 
+from sidcore.errors import UserError
+
 
 class LocalExtractor(FeatureExtractorBase):
     """A torch-fidelity extractor built by ``load`` from ``feature_extractor_weights_path``; takes uint8 RGB."""
@@ -16,7 +18,7 @@ class LocalExtractor(FeatureExtractorBase):
                  **kwargs) -> None:
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
-            raise ValueError(f"feature extractor {name!r} needs feature_extractor_weights_path "
+            raise UserError(f"feature extractor {name!r} needs feature_extractor_weights_path "
                              f"(a local {self.weights_file})")
         self.net = self.load(feature_extractor_weights_path)
         self.requires_grad_(False)

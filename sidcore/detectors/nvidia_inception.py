@@ -16,6 +16,7 @@ import torch
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from sidcore.detectors.local import LocalExtractor
+from sidcore.errors import UserError
 
 EXTRACTOR_NAME = "inception-2015-12-05"
 PROBABILITY_FLOOR = torch.finfo(torch.float32).tiny  # keeps log() finite where a probability underflowed
@@ -29,7 +30,7 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
     try:
         net = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as err:
-        raise ValueError(f"{path}: not a TorchScript archive ({err})") from err
+        raise UserError(f"{path}: not a TorchScript archive ({err})") from err
     return net.eval()
 
 

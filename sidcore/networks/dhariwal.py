@@ -9,8 +9,14 @@ import torch
 from torch.nn.functional import silu
 
 from sidcore.networks.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
-from sidcore.networks.songunet import (augment_embedding, check_return_flag, discriminator_logits, drop_labels,
-                                      run_decoder, run_encoder)
+from sidcore.networks.songunet import (
+    augment_embedding,
+    check_return_flag,
+    discriminator_logits,
+    drop_labels,
+    run_decoder,
+    run_encoder,
+)
 
 
 class DhariwalUNet(torch.nn.Module):

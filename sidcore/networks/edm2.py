@@ -269,6 +269,7 @@ class EDM2Precond(Precond):
         out = super().forward(x, sigma, class_labels, augment_labels, return_flag)
         if not return_logvar:
             return out
-        c_noise = self.coefficients(torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1))[3]
+        sigma_4d = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        c_noise = self.coefficients(sigma_4d)[3]
         u = self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)
         return (*out, u) if isinstance(out, tuple) else (out, u)

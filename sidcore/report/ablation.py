@@ -7,7 +7,6 @@ printed, so the table carries ours only.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sidcore.methods import METHOD_NAMES, METHODS, alpha_text
 from sidcore.report import markdown
 from sidcore.report.logs import curve, read_log
-from sidcore.report.names import DISTILLATION_METHODS, METHOD_NAMES, alpha_text
 from sidcore.report.plot import parse_run, save_atomic
 
 METRIC_AXES = {"fid": ("FID", "log"), "is": ("IS", "linear")}
@@ -42,7 +41,7 @@ def table(runs: list[dict]) -> pd.DataFrame:
     """One row per (method, α) in method order, then α: the metrics at the last evaluation, and the lowest FID
     and where it was."""
     rows = []
-    for run in sorted(runs, key=lambda r: (DISTILLATION_METHODS.index(r["method"]), r["alpha"])):
+    for run in sorted(runs, key=lambda r: (METHODS.index(r["method"]), r["alpha"])):
         images, fids = curve(run["records"], "fid", run["method"])
         best = min(range(len(fids)), key=fids.__getitem__)
         diverged = not all(math.isfinite(f) for f in fids)
@@ -58,7 +57,7 @@ def table(runs: list[dict]) -> pd.DataFrame:
 
 def figure(runs: list[dict], title: str) -> Figure:
     """Rows: methods; columns: FID (log) and IS against images seen (log)."""
-    methods = [m for m in DISTILLATION_METHODS if any(r["method"] == m for r in runs)]
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     metrics = metrics_logged(runs)
     fig = Figure(figsize=(5.0 * len(metrics), 3.6 * len(methods)))
     FigureCanvasAgg(fig)
@@ -85,30 +84,18 @@ def figure(runs: list[dict], title: str) -> Figure:
     return fig
 
 
-def run(args: argparse.Namespace) -> int:
-    runs = load_runs([parse_run(*values) for values in args.run])
+def write(run_specs: list[tuple[str, str, str]], title: str, csv: Path, md: Path, png: Path, pdf: Path,
+          log=print) -> None:
+    """The α ablation of the runs ``(method, α, log.jsonl)``: table (CSV, Markdown) and figure (PNG, PDF)."""
+    runs = load_runs([parse_run(*values) for values in run_specs])
     frame = table(runs)
     notes = ["Each run is the method at that α for the ablation's budget (config `ablation`); FID and IS are the "
              "in-training evaluations of G_ema. The SiDA paper (Fig. 2, CIFAR-10 unconditional, first 20k "
              "iterations at batch 256) finds α = 1.0 best for SiDA, α = 0 and small α worse, α = 1.2 and 1.5 "
              "unstable, and SiD²A stable for every α; it prints no values."]
-    markdown.save(frame, args.out, f"α ablation: {args.title}", notes)
-    fig = figure(runs, f"α ablation: {args.title}")
-    save_atomic(fig, args.plot)
-    save_atomic(fig, args.plot.with_suffix(".pdf"))
+    markdown.save(frame, csv, md, f"α ablation: {title}", notes)
+    fig = figure(runs, f"α ablation: {title}")
+    save_atomic(fig, png)
+    save_atomic(fig, pdf)
     for row in frame.itertuples(index=False):
-        print(f"{row.method} α={row.alpha}: final FID {row[3]}, best {row[4]} at {row[5]} images")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "ablation", help="the α ablation: curves and table",
-        description="Plot FID (and IS) against images seen, one curve per α and one row of panels per method, "
-                    "and tabulate each run at the end of its budget; write CSV, Markdown, PNG and PDF.")
-    parser.add_argument("--run", action="append", nargs=3, required=True, metavar=("METHOD", "ALPHA", "LOG"),
-                        help="an ablation run: method, α and its log.jsonl (repeatable)")
-    parser.add_argument("--title", default="")
-    parser.add_argument("--out", required=True, type=Path, help="CSV to write; the Markdown goes beside it")
-    parser.add_argument("--plot", required=True, type=Path, help="PNG to write; a PDF goes beside it")
-    parser.set_defaults(func=run)
+        log(f"{row.method} α={row.alpha}: final FID {row[3]}, best {row[4]} at {row[5]} images")

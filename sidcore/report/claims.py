@@ -16,7 +16,6 @@ in advance (below), with the measured numbers and whether it held.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -27,9 +26,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sidcore.errors import UserError
+from sidcore.methods import METHODS, alpha_text, method_label
 from sidcore.report import markdown
 from sidcore.report.logs import evaluated, read_log
-from sidcore.report.names import alpha_text, method_label
 from sidcore.report.plot import save_atomic
 
 R2_MIN = 0.90  # (a)
@@ -175,44 +175,28 @@ def figure(teacher: dict, sid: list[Run], sida: Run, sid2a: list[Run], init: Run
     return fig
 
 
-def run(args: argparse.Namespace) -> int:
-    teacher = json.loads(args.teacher_summary.read_text())
+def write(teacher_summary: Path, run_specs: list[tuple[str, str, str, str]], sid2a_init_alpha: float,
+          ablation_specs: list[tuple[str, str]], title: str, csv: Path, md: Path, png: Path, log=print) -> None:
+    """Claims (a)-(e) on one experiment: table (CSV, Markdown) and figure (PNG)."""
+    teacher = json.loads(teacher_summary.read_text())
     teacher = {"nfe": teacher["nfe"], **{k: teacher["metrics"]["fid"][k] for k in ("mean", "std")}}
-    runs = [load_run(*values) for values in args.run]
-    by = {m: [r for r in runs if r.method == m] for m in ("sid", "sida", "sid2a")}
+    runs = [load_run(*values) for values in run_specs]
+    by = {m: [r for r in runs if r.method == m] for m in METHODS}
     for method, found in by.items():
         if not found:
-            raise ValueError(f"claims: no {method} run given (--run {method} ALPHA LOG SUMMARY)")
+            raise UserError(f"claims: no {method} run given (--run {method} ALPHA LOG SUMMARY)")
     sida = next((r for r in by["sida"] if r.alpha == SIDA_ALPHA), None)
-    init = next((r for r in by["sid"] if r.alpha == args.sid2a_init_alpha), None)
-    ablation = [load_run("sida", a, log, None) for a, log in args.ablation]
+    init = next((r for r in by["sid"] if r.alpha == sid2a_init_alpha), None)
+    ablation = [load_run("sida", a, log, None) for a, log in ablation_specs]
     if sida is None or init is None or not ablation:
-        raise ValueError(f"claims: need SiDA at α {SIDA_ALPHA}, the SiD run SiD²A starts from (α "
-                         f"{args.sid2a_init_alpha}) and the SiDA α ablation (--ablation)")
+        raise UserError(f"claims: need SiDA at α {SIDA_ALPHA}, the SiD run SiD²A starts from (α "
+                         f"{sid2a_init_alpha}) and the SiDA α ablation (--ablation)")
     rows, extra = evaluate_claims(teacher, by["sid"], sida, by["sid2a"], init, ablation)
     frame = pd.DataFrame(rows)
     frame["held"] = frame["held"].map(VERDICTS)
     notes = ["Criteria fixed before the experiment ran (sidcore/report/claims.py). Means ± sample stds are over "
              "the 10 independent evaluation runs; in-training FIDs are single evaluations of G_ema on fewer images."]
-    markdown.save(frame, args.out, f"The papers' claims on {args.title}", notes)
-    save_atomic(figure(teacher, by["sid"], sida, by["sid2a"], init, extra, args.title), args.plot)
+    markdown.save(frame, csv, md, f"The papers' claims on {title}", notes)
+    save_atomic(figure(teacher, by["sid"], sida, by["sid2a"], init, extra, title), png)
     for row in rows:
-        print(f"({row['claim']}) {VERDICTS[row['held']]}: {row['measured']}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "claims", help="test the papers' claims on one experiment",
-        description="Test claims (a)-(e) of the SiD / SiDA papers on one experiment's runs against criteria "
-                    "fixed in advance (see the module); write CSV, Markdown and a PNG.")
-    parser.add_argument("--teacher-summary", required=True, type=Path, help="the teacher's eval/summary.json")
-    parser.add_argument("--run", action="append", nargs=4, required=True,
-                        metavar=("METHOD", "ALPHA", "LOG", "SUMMARY"), help="a run's log.jsonl and eval/summary.json")
-    parser.add_argument("--sid2a-init-alpha", required=True, type=float, help="α of the SiD run SiD²A starts from")
-    parser.add_argument("--ablation", action="append", nargs=2, default=[], metavar=("ALPHA", "LOG"),
-                        help="a SiDA run of the α ablation (repeatable)")
-    parser.add_argument("--title", default="")
-    parser.add_argument("--out", required=True, type=Path, help="CSV to write; the Markdown goes beside it")
-    parser.add_argument("--plot", required=True, type=Path, help="PNG to write")
-    parser.set_defaults(func=run)
+        log(f"({row['claim']}) {VERDICTS[row['held']]}: {row['measured']}")

@@ -8,15 +8,15 @@ rule's benchmark file and covers its last attempt, evaluations included.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
 import pandas as pd
 
+from sidcore.errors import UserError
+from sidcore.methods import METHOD_NAMES, alpha_text
 from sidcore.report import markdown, paper
 from sidcore.report.logs import read_log
-from sidcore.report.names import METHOD_NAMES, alpha_text
 
 HOURS_PER_10M = 10_000 / 3600  # hours per 10M images at 1 s/kimg
 PAPER_SOURCE = "SiDA paper Table 8"
@@ -32,7 +32,7 @@ def wall_hours(benchmark: Path) -> float:
     """The job's wall time (column ``s`` of Snakemake's benchmark file) in hours."""
     frame = pd.read_csv(benchmark, sep="\t")
     if "s" not in frame.columns or frame.empty:
-        raise ValueError(f"{benchmark}: not a Snakemake benchmark file (no `s` column)")
+        raise UserError(f"{benchmark}: not a Snakemake benchmark file (no `s` column)")
     return float(frame["s"].iloc[-1]) / 3600
 
 
@@ -51,7 +51,7 @@ def row(dataset: str, table: str, method: str, alpha: float, log: Path, benchmar
     last = records[-1]
     for key in ("device", "processes", "batch_gpu", "peak_mem_mb", "sec_per_kimg"):
         if key not in last:
-            raise ValueError(f"{log}: tick records lack {key!r} (written by an older sidcore; rerun the distillation)")
+            raise UserError(f"{log}: tick records lack {key!r} (written by an older sidcore; rerun the distillation)")
     sec = speed(records)
     ours = {"dataset": dataset, "method": METHOD_NAMES[method], "alpha": alpha_text(alpha), "device": last["device"],
             "GPUs": last["processes"], "batch per GPU": last["batch_gpu"],
@@ -75,29 +75,17 @@ def _int(entry: dict | None, key: str) -> int | str:
     return int(entry[key]) if entry and key in entry else ""
 
 
-def run(args: argparse.Namespace) -> int:
+def write(run_specs: list[tuple[str, str, str, str, str, str]], csv: Path, md: Path, log=print) -> None:
+    """The cost table of the runs ``(dataset, table, method, α, log.jsonl, benchmark)`` (CSV, Markdown)."""
     papers = paper_costs()
-    rows = [row(d, t, m, float(a), Path(log), Path(bench), papers) for d, t, m, a, log, bench in args.run]
+    rows = [row(d, t, m, float(a), Path(log), Path(bench), papers) for d, t, m, a, log, bench in run_specs]
     frame = pd.DataFrame(rows)
     notes = ["Ours: s / 1k images is the median over the log's ticks after the first, without in-training "
              "evaluations; memory is rank 0's peak (CUDA max allocated, or the resident set size on a CPU); "
              "the job's wall time (Snakemake benchmark, last attempt) includes evaluations and start-up.",
              f"Paper: {PAPER_SOURCE}, max memory allocated per GPU; SiD²A is compared with its SiDA column (the "
              "same iteration). Table 8 has one CIFAR-10 column for both CIFAR-10 tables."]
-    markdown.save(frame, args.out, "Training cost", notes)
+    markdown.save(frame, csv, md, "Training cost", notes)
     for r in rows:
-        print(f"{r['dataset']} {r['method']} α={r['alpha']}: {r['s / 1k images']} s/kimg, "
+        log(f"{r['dataset']} {r['method']} α={r['alpha']}: {r['s / 1k images']} s/kimg, "
               f"{r['peak memory per GPU (GB)']} GB, {r['GPUs']} × {r['device']}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "cost", help="the training cost of each run beside the paper's Table 8",
-        description="Tabulate each distillation's GPUs, batch per GPU, peak memory, s/kimg and hours per 10M "
-                    "images from its log and benchmark file, beside Table 8 of the SiDA paper (CSV, Markdown).")
-    parser.add_argument("--run", action="append", nargs=6, required=True,
-                        metavar=("DATASET", "TABLE", "METHOD", "ALPHA", "LOG", "BENCHMARK"),
-                        help="a distillation: dataset, its table, method, α, log.jsonl and benchmark file")
-    parser.add_argument("--out", required=True, type=Path, help="CSV to write; the Markdown goes beside it")
-    parser.set_defaults(func=run)

@@ -6,8 +6,6 @@ seeded with ``--seed``: every figure of a dataset shows the same latents and lab
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -17,18 +15,18 @@ from matplotlib.figure import Figure
 from sidcore import checkpoint
 from sidcore.dataset import read_image_zip
 from sidcore.latent import load_vae
-from sidcore.report.names import method_label
+from sidcore.methods import method_label
 from sidcore.report.plot import save_atomic
 from sidcore.sampling import LabelSampler, heun, image_grid, noise, one_step, to_pixels
-from sidcore.settings import loads
-
 
 PAD = 1  # grey pixels around each image of a grid
 
 
-def load(path: str, device: torch.device) -> torch.nn.Module:
-    net, _ = checkpoint.load_network(path)
-    return net.to(device).eval().requires_grad_(False)
+def load(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The network of a snapshot, ready to sample, and the snapshot."""
+    snap = checkpoint.load_snapshot(path)
+    net, _ = checkpoint.load_network(path, snap)
+    return net.to(device).eval().requires_grad_(False), snap
 
 
 @torch.no_grad()
@@ -41,11 +39,12 @@ def grids(settings: dict, generator: str, teacher: str | None, data: str, vae: s
     gen = torch.Generator().manual_seed(seed)
     labels = LabelSampler(dataset.labels, dataset.label_dim)(n, gen, device)
     z = noise(n, shape, gen, device)
-    x = one_step(load(generator, device), z, labels, settings["distill"]["init_sigma"])
+    G, snap = load(generator, device)
+    x = one_step(G, z, labels, checkpoint.init_sigma(snap, generator))
     out = [(f"{method_label(settings['method'], settings['alpha'])}, 1 step (ours)", x)]
     if teacher is not None:
         steps = settings["teacher_eval"]["num_steps"]
-        out.append((f"Teacher, {2 * steps - 1} NFE", heun(load(teacher, device), z, labels, num_steps=steps)))
+        out.append((f"Teacher, {2 * steps - 1} NFE", heun(load(teacher, device)[0], z, labels, num_steps=steps)))
     return [(title, image_grid(torch.nn.functional.pad(to_pixels(images, decoder), [PAD] * 4, value=128), rows))
             for title, images in out]
 
@@ -64,28 +63,10 @@ def figure(panels: list[tuple[str, torch.Tensor]], title: str) -> Figure:
     return fig
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = loads(args.settings)
+def write(settings: dict, generator: str, teacher: str | None, data: str, vae: str | None, seed: int, rows: int,
+          cols: int, png: Path, log=print) -> None:
+    """The sample grid(s) of a generator (and of its teacher) from fixed latents, as one PNG."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    panels = grids(settings, args.generator, args.teacher, args.data, args.vae, args.seed, args.rows, args.cols,
-                   device)
-    save_atomic(figure(panels, f"{settings['dataset']}: seed {args.seed}"), args.out)
-    print(json.dumps({"out": str(args.out), "panels": [name for name, _ in panels]}))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "figure", help="sample grid of a generator (and its teacher)",
-        description="Draw a grid of one-step samples of a distilled generator with fixed seeds and, with "
-                    "--teacher, the teacher's samples from the same latents and labels; write a PNG.")
-    parser.add_argument("--settings", required=True, help="the run's resolved settings (JSON)")
-    parser.add_argument("--generator", required=True, help="generator.pt of the run")
-    parser.add_argument("--teacher", help="the teacher's .pt (needs teacher_eval in the settings)")
-    parser.add_argument("--data", required=True, help="the dataset's zip (its label distribution)")
-    parser.add_argument("--vae", help="VAE directory (latent-space datasets)")
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--rows", type=int, required=True)
-    parser.add_argument("--cols", type=int, required=True)
-    parser.add_argument("--out", required=True, type=Path, help="PNG to write")
-    parser.set_defaults(func=run)
+    panels = grids(settings, generator, teacher, data, vae, seed, rows, cols, device)
+    save_atomic(figure(panels, f"{settings['dataset']}: seed {seed}"), png)
+    log(f"{', '.join(name for name, _ in panels)} -> {png}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sidcore.errors import UserError
+
 
 def read_log(path: str | Path) -> list[dict]:
     """The tick records of ``path``, in order."""
@@ -13,9 +15,9 @@ def read_log(path: str | Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except ValueError:
-                raise ValueError(f"{path}, line {number}: not a JSON record") from None
+                raise UserError(f"{path}, line {number}: not a JSON record") from None
     if not records:
-        raise ValueError(f"{path}: no tick records")
+        raise UserError(f"{path}: no tick records")
     return records
 
 
@@ -23,7 +25,7 @@ def evaluated(records: list[dict], metric: str, where: str) -> list[dict]:
     """The records that carry an in-training ``metric`` (at images seen > 0)."""
     out = [record for record in records if record.get(metric) is not None and record["kimg"] > 0]
     if not out:
-        raise ValueError(f"{where}: no in-training {metric} values (at images seen > 0)")
+        raise UserError(f"{where}: no in-training {metric} values (at images seen > 0)")
     return out
 
 

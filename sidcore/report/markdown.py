@@ -22,7 +22,7 @@ def table(frame: pd.DataFrame, title: str, notes: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def save(frame: pd.DataFrame, csv_path: Path, title: str, notes: list[str] = ()) -> None:
-    """Write ``frame`` as CSV to ``csv_path`` and as a Markdown table (with ``title`` and ``notes``) beside it."""
+def save(frame: pd.DataFrame, csv_path: Path, md_path: Path, title: str, notes: list[str] = ()) -> None:
+    """Write ``frame`` as CSV to ``csv_path`` and as a Markdown table (with ``title`` and ``notes``) to ``md_path``."""
     write_text(csv_path, frame.to_csv(index=False))
-    write_text(csv_path.with_suffix(".md"), table(frame, title, notes))
+    write_text(md_path, table(frame, title, notes))

@@ -6,7 +6,6 @@ the same method and α), both looked up in ``sidcore/data/paper_results.csv``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -16,9 +15,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 from sidcore.atomic import atomic_path
+from sidcore.errors import UserError
+from sidcore.methods import METHODS, method_label
 from sidcore.report import paper
 from sidcore.report.logs import curve, read_log
-from sidcore.report.names import DISTILLATION_METHODS, method_label
 from sidcore.report.paper import PaperEntry
 
 Run = tuple[str, float, Path]  # method, α, log.jsonl
@@ -26,19 +26,19 @@ Run = tuple[str, float, Path]  # method, α, log.jsonl
 
 def parse_run(method: str, alpha: str, log: str) -> Run:
     """Check one ``--run METHOD ALPHA LOG``."""
-    if method not in DISTILLATION_METHODS:
-        raise ValueError(f"--run {method} {alpha} {log}: method must be one of {', '.join(DISTILLATION_METHODS)}")
+    if method not in METHODS:
+        raise UserError(f"--run {method} {alpha} {log}: method must be one of {', '.join(METHODS)}")
     try:
         return method, float(alpha), Path(log)
     except ValueError:
-        raise ValueError(f"--run {method} {alpha} {log}: α is not a number") from None
+        raise UserError(f"--run {method} {alpha} {log}: α is not a number") from None
 
 
 def paper_fids(table: str, size: str) -> tuple[list[PaperEntry], list[PaperEntry]]:
     """The paper's teacher rows and SiD-family rows reporting an FID for ``table`` and EDM2 ``size``."""
     rows = [entry for entry in paper.entries(table) if entry.size == size and "fid" in entry.values]
     return ([entry for entry in rows if entry.method == "teacher"],
-            [entry for entry in rows if entry.method in DISTILLATION_METHODS])
+            [entry for entry in rows if entry.method in METHODS])
 
 
 def _printed(entry: PaperEntry) -> str:
@@ -95,27 +95,9 @@ def save_atomic(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=150, bbox_inches="tight")
 
 
-def run(args: argparse.Namespace) -> int:
-    runs = [parse_run(*values) for values in args.run]
-    fig = figure(runs, args.teacher_summary, args.table, args.size, args.title)
-    save_atomic(fig, args.out)
-    save_atomic(fig, args.out.with_suffix(".pdf"))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "plot", help="plot in-training FID against images seen",
-        description="Plot in-training FID against images seen (log-log), one curve per run, with the teacher "
-                    "and the paper's final FIDs as horizontal lines; write PNG and PDF.")
-    parser.add_argument("--run", action="append", nargs=3, required=True, metavar=("METHOD", "ALPHA", "LOG"),
-                        help="a distillation run: method (sid, sida, sid2a), α and its log.jsonl (repeatable)")
-    parser.add_argument("--table", required=True,
-                        help="the dataset's table (config.yaml `table`): where the paper's lines come from")
-    parser.add_argument("--size", default="", help="EDM2 model size (xs ... xxl), for the EDM2 table")
-    parser.add_argument("--teacher-summary", type=Path, metavar="PATH",
-                        help="our teacher's eval/summary.json; without it the paper's teacher FID is drawn")
-    parser.add_argument("--title", default="")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="PNG to write; a PDF goes beside it")
-    parser.set_defaults(func=run)
+def write(runs: list[tuple[str, float, Path]], teacher_summary: Path | None, table: str, size: str, title: str,
+          png: Path, pdf: Path) -> None:
+    """The FID-against-images-seen figure as PNG and PDF."""
+    fig = figure(runs, teacher_summary, table, size, title)
+    save_atomic(fig, png)
+    save_atomic(fig, pdf)

@@ -7,7 +7,6 @@ paper row it is paired with. Summaries that match no paper row (a new α or data
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import defaultdict
@@ -15,20 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from sidcore import tables
+from sidcore.errors import UserError
+from sidcore.methods import METHOD_NAMES, alpha_text, method_label, model_label
 from sidcore.report import markdown, paper
-from sidcore.report.names import METHOD_NAMES, alpha_text, method_label, model_label, table_title
 from sidcore.report.paper import PaperEntry
 
-TABLE_METRICS = {
-    "tiny": ("fid", "is"),
-    "tiny-claims": ("fid", "is"),
-    "cifar10-uncond": ("fid", "is"),
-    "imagenet64": ("fid", "precision", "recall"),
-    "edm2_fd_dinov2": ("fd_dinov2",),
-}
-DEFAULT_METRICS = ("fid",)
-# Report tables fed by the summaries of another table.
-SUMMARY_TABLE = {"edm2_fd_dinov2": "edm2"}
 METRIC_LABELS = {"fid": "FID", "is": "IS", "precision": "Precision", "recall": "Recall",
                  "fd_dinov2": "FD_DINOv2"}
 METRIC_DECIMALS = {"precision": 2, "recall": 2}
@@ -46,11 +37,6 @@ OPTIONAL_COLUMNS = ("family", "size", "CFG", "paper source")
 STD_NAMES = {0: "population standard deviation", 1: "sample standard deviation"}
 
 
-def metrics_for(table: str) -> tuple[str, ...]:
-    """Metrics reported in a table, in column order."""
-    return TABLE_METRICS.get(table, DEFAULT_METRICS)
-
-
 def is_released(summary: dict) -> bool:
     """Whether a summary evaluates a released generator (summaries without ``source`` are ours)."""
     return summary.get("source", "ours") == "released"
@@ -58,12 +44,12 @@ def is_released(summary: dict) -> bool:
 
 def check_summary(summary: dict, table: str, origin: str) -> None:
     """Raise ``ValueError`` naming ``origin`` if ``summary`` belongs to another table or has an unknown source."""
-    accepted = {table, SUMMARY_TABLE.get(table, table)}
+    accepted = {table, tables.table(table).summaries_of}
     if summary.get("table") not in accepted:
-        raise ValueError(f"{origin}: summary is for table {summary.get('table')!r}, "
+        raise UserError(f"{origin}: summary is for table {summary.get('table')!r}, "
                          f"not {table!r}")
     if summary.get("source", "ours") not in SOURCES:
-        raise ValueError(f"{origin}: unknown source {summary['source']!r} (known: {', '.join(SOURCES)})")
+        raise UserError(f"{origin}: unknown source {summary['source']!r} (known: {', '.join(SOURCES)})")
 
 
 def load_summaries(paths: list[Path], table: str) -> list[dict]:
@@ -178,7 +164,7 @@ def tabulate(table: str, summaries: list[dict]) -> pd.DataFrame:
 
     Without paper rows (e.g. ``tiny``) the ``(paper)`` and ``Δ`` columns are left out.
     """
-    metrics = metrics_for(table)
+    metrics = tables.table(table).metrics
     entries = paper.entries(table)
     with_paper = bool(entries)
     for number, summary in enumerate(summaries, start=1):
@@ -235,22 +221,9 @@ def notes(summaries: list[dict], with_paper: bool) -> list[str]:
     return lines
 
 
-def run(args: argparse.Namespace) -> int:
-    summaries = load_summaries(args.summaries, args.table)
-    frame = tabulate(args.table, summaries)
+def write(table: str, summary_paths: list[Path], csv: Path, md: Path) -> None:
+    """The comparison table of ``table`` from its summaries, as CSV and Markdown."""
+    summaries = load_summaries(summary_paths, table)
+    frame = tabulate(table, summaries)
     with_paper = "paper source" in frame.columns
-    markdown.save(frame, args.out, table_title(args.table), notes(summaries, with_paper=with_paper))
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "tabulate", help="compare evaluation summaries with the paper's numbers",
-        description="Put evaluation summaries next to the paper's numbers; "
-                    "write the table as CSV and Markdown.")
-    parser.add_argument("--table", required=True, help="table name, e.g. cifar10-uncond or tiny")
-    parser.add_argument("--summaries", nargs="*", type=Path, default=[], metavar="FILE",
-                        help="eval/summary.json files (may be none)")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="CSV to write; the Markdown version goes beside it (.md)")
-    parser.set_defaults(func=run)
+    markdown.save(frame, csv, md, tables.table(table).heading, notes(summaries, with_paper=with_paper))

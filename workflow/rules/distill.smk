@@ -9,24 +9,24 @@ rule distill:
     output:
         generator="results/{dataset}/{method}/alpha{alpha}/generator.pt",
         log="results/{dataset}/{method}/alpha{alpha}/log.jsonl",
-    params:
-        **launch_params("distill"),
-        settings=lambda w: settings(w.dataset, w.method, w.alpha),
-        outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
-        init=init_arg,
-        extra=eval_args,
     log:
         "logs/distill/{dataset}-{method}-alpha{alpha}.log",
     benchmark:
         "benchmarks/distill/{dataset}-{method}-alpha{alpha}.tsv"
+    priority: 10  # start distillations before evaluations that could wait
     localrule: True
+    conda:
+        SOFTWARE_ENV
     threads: launch_threads("distill")
     resources:
         **gpu_resources("distill"),
-    priority: 10  # start distillations before evaluations that could wait
+    params:
+        settings=lambda w: settings(w.dataset, w.method, w.alpha),
+        outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
+        init=init_arg,
+        extra=eval_args,
     shell:
-        LAUNCH + " --"
-        " distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
+        "{resources.launch} -- distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.init}"
         " {params.extra}"
         " > {log} 2>&1"
@@ -39,14 +39,15 @@ use rule distill as distill_ablation with:
     output:
         generator="results/{dataset}/ablation/{method}/alpha{alpha}/generator.pt",
         log="results/{dataset}/ablation/{method}/alpha{alpha}/log.jsonl",
-    params:
-        **launch_params("distill", study="ablation"),
-        settings=lambda w: settings(w.dataset, w.method, w.alpha, study="ablation"),
-        outdir=lambda w: run_dir(w.dataset, w.method, w.alpha, study="ablation"),
-        init=init_arg,
-        extra=eval_args,
     log:
         "logs/distill/{dataset}-ablation-{method}-alpha{alpha}.log",
     benchmark:
         "benchmarks/distill/{dataset}-ablation-{method}-alpha{alpha}.tsv"
     localrule: True
+    resources:
+        **gpu_resources("distill", study="ablation"),
+    params:
+        settings=lambda w: settings(w.dataset, w.method, w.alpha, study="ablation"),
+        outdir=lambda w: run_dir(w.dataset, w.method, w.alpha, study="ablation"),
+        init=init_arg,
+        extra=eval_args,

@@ -8,22 +8,22 @@ rule evaluate_generator:
         model="results/{dataset}/{method}/alpha{alpha}/generator.pt",
     output:
         [f"results/{{dataset}}/{{method}}/alpha{{alpha}}/eval/{r}" for r in RUNS],
-    params:
-        **launch_params("evaluate"),
-        settings=lambda w: settings(w.dataset, w.method, w.alpha),
-        outdir=lambda w: f"{run_dir(w.dataset, w.method, w.alpha)}/eval",
-        extra=eval_args,
     log:
         "logs/evaluate/{dataset}-{method}-alpha{alpha}.log",
     benchmark:
         "benchmarks/evaluate/{dataset}-{method}-alpha{alpha}.tsv"
     localrule: True
+    conda:
+        SOFTWARE_ENV
     threads: launch_threads("evaluate")
     resources:
         **gpu_resources("evaluate"),
+    params:
+        settings=lambda w: settings(w.dataset, w.method, w.alpha, stage="evaluate_generator"),
+        outdir=lambda w: f"{run_dir(w.dataset, w.method, w.alpha)}/eval",
+        extra=eval_args,
     shell:
-        LAUNCH + " --"
-        " evaluate --settings {params.settings:q} --kind generator --model {input.model} --data {input.data}"
+        "{resources.launch} -- evaluate --settings {params.settings:q} --kind generator --model {input.model} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.extra}"
         " > {log} 2>&1"
 
@@ -35,16 +35,15 @@ use rule evaluate_generator as evaluate_released with:
         model=released_file,
     output:
         [f"results/{{dataset}}/released/{{method}}/alpha{{alpha}}/eval/{r}" for r in RUNS],
-    params:
-        **launch_params("evaluate"),
-        settings=lambda w: settings(w.dataset, w.method, w.alpha, stage="evaluate_released"),
-        outdir="results/{dataset}/released/{method}/alpha{alpha}/eval",
-        extra=lambda w, input: f"{eval_args(w, input)} --released {released_keys(w.dataset, w.method)[w.alpha]}",
     log:
         "logs/evaluate/{dataset}-released-{method}-alpha{alpha}.log",
     benchmark:
         "benchmarks/evaluate/{dataset}-released-{method}-alpha{alpha}.tsv"
     localrule: True
+    params:
+        settings=lambda w: settings(w.dataset, w.method, w.alpha, stage="evaluate_generator"),
+        outdir="results/{dataset}/released/{method}/alpha{alpha}/eval",
+        extra=lambda w, input: f"{eval_args(w, input)} --released {released_keys(w.dataset, w.method)[w.alpha]}",
 
 
 rule evaluate_teacher:
@@ -53,23 +52,23 @@ rule evaluate_teacher:
         model=teacher_file,
     output:
         [f"results/{{dataset}}/teacher/eval/{r}" for r in RUNS],
-    params:
-        **launch_params("evaluate"),
-        settings=lambda w: settings(w.dataset, stage="evaluate_teacher"),
-        outdir="results/{dataset}/teacher/eval",
-        extra=eval_args,
     log:
         "logs/evaluate/{dataset}-teacher.log",
     benchmark:
         "benchmarks/evaluate/{dataset}-teacher.tsv"
+    priority: 20  # a long job that only needs the teacher: start it first
     localrule: True
+    conda:
+        SOFTWARE_ENV
     threads: launch_threads("evaluate")
     resources:
         **gpu_resources("evaluate"),
-    priority: 20  # a long job that only needs the teacher: start it first
+    params:
+        settings=lambda w: settings(w.dataset, stage="evaluate_teacher"),
+        outdir="results/{dataset}/teacher/eval",
+        extra=eval_args,
     shell:
-        LAUNCH + " --"
-        " evaluate --settings {params.settings:q} --kind teacher --model {input.model} --data {input.data}"
+        "{resources.launch} -- evaluate --settings {params.settings:q} --kind teacher --model {input.model} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.extra}"
         " > {log} 2>&1"
 
@@ -79,14 +78,17 @@ rule summarize:
         run_records,
     output:
         "results/{dataset}/{model}/eval/summary.json",
-    wildcard_constraints:
-        model=r"teacher|(released/)?(sid|sida|sid2a)/alpha[0-9]+\.[0-9]+",
-    params:
-        settings=lambda w: settings(w.dataset),
     log:
         "logs/summarize/{dataset}/{model}.log",
     benchmark:
         "benchmarks/summarize/{dataset}/{model}.tsv"
+    wildcard_constraints:
+        model=rf"teacher|(released/)?({METHOD_PATTERN})/alpha[0-9]+\.[0-9]+",
     localrule: True
+    conda:
+        SOFTWARE_ENV
+    params:
+        table=lambda w: DATASETS[w.dataset]["table"],
+        std_ddof=lambda w: resolve(config, w.dataset)["evaluation"].std_ddof,
     shell:
-        "sidcore summarize --settings {params.settings:q} --runs {input} --out {output} > {log} 2>&1"
+        "sidcore summarize --table {params.table} --std-ddof {params.std_ddof} --runs {input} --out {output} > {log} 2>&1"

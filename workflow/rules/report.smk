@@ -2,14 +2,13 @@
 # table, sample figures and the claims, marked for `snakemake --report report.html` (captions in
 # workflow/report/). Their input functions live in common.smk.
 
+
 report: "../report/workflow.rst"
 
 
 rule tabulate:
     input:
         summaries_of_table,
-    wildcard_constraints:
-        table=r"(?!alpha-ablation-|cost\.)[A-Za-z0-9_.-]+",  # not the tables of alpha_ablation and cost
     output:
         csv=table_report("results/tables/{table}.csv", "CSV"),
         md=table_report("results/tables/{table}.md", "Markdown"),
@@ -17,28 +16,34 @@ rule tabulate:
         "logs/tabulate/{table}.log",
     benchmark:
         "benchmarks/tabulate/{table}.tsv"
+    wildcard_constraints:
+        table=r"(?!alpha-ablation-|cost\.)[A-Za-z0-9_.-]+",  # not the tables of alpha_ablation and cost
     localrule: True
+    conda:
+        SOFTWARE_ENV
     shell:
-        "sidcore tabulate --table {wildcards.table} --summaries {input} --out {output.csv} > {log} 2>&1"
+        "sidcore tabulate --table {wildcards.table} --summaries {input} --out {output.csv} --markdown {output.md} > {log} 2>&1"
 
 
 rule plot:
     input:
         unpack(plot_inputs),
-    wildcard_constraints:
-        dataset="(?!alpha-ablation-)[a-z0-9][a-z0-9_.-]*",
     output:
         png=plot_report("results/plots/{dataset}.png", "PNG"),
         pdf=plot_report("results/plots/{dataset}.pdf", "PDF"),
-    params:
-        args=plot_args,
     log:
         "logs/plot/{dataset}.log",
     benchmark:
         "benchmarks/plot/{dataset}.tsv"
+    wildcard_constraints:
+        dataset="(?!alpha-ablation-)[a-z0-9][a-z0-9_.-]*",
     localrule: True
+    conda:
+        SOFTWARE_ENV
+    params:
+        args=plot_args,
     shell:
-        "sidcore plot --title {wildcards.dataset} {params.args} --out {output.png} > {log} 2>&1"
+        "sidcore plot --title {wildcards.dataset} {params.args} --out {output.png} --pdf {output.pdf} > {log} 2>&1"
 
 
 # The α ablation (config `ablation`): FID and IS against images seen, one curve per α, per method.
@@ -50,15 +55,20 @@ rule alpha_ablation:
         md=table_report("results/tables/alpha-ablation-{dataset}.md", "Markdown", "ablation.rst", "dataset"),
         png=plot_report("results/plots/alpha-ablation-{dataset}.png", "PNG", "ablation.rst"),
         pdf=plot_report("results/plots/alpha-ablation-{dataset}.pdf", "PDF", "ablation.rst"),
-    params:
-        args=lambda w, input: " ".join(f"--run {m} {a} {log}" for (m, a), log in zip(runs(w.dataset, "ablation"), input)),
     log:
         "logs/alpha_ablation/{dataset}.log",
     benchmark:
         "benchmarks/alpha_ablation/{dataset}.tsv"
     localrule: True
+    conda:
+        SOFTWARE_ENV
+    params:
+        args=lambda w, input: " ".join(
+            f"--run {m} {a} {log}" for (m, a), log in zip(runs(w.dataset, "ablation"), input)
+        ),
     shell:
-        "sidcore ablation --title {wildcards.dataset} {params.args} --out {output.csv} --plot {output.png} > {log} 2>&1"
+        "sidcore ablation --title {wildcards.dataset} {params.args} --out {output.csv} --markdown {output.md}"
+        " --plot {output.png} --pdf {output.pdf} > {log} 2>&1"
 
 
 # What each distillation of the configured tables cost, beside Table 8 of the SiDA paper.
@@ -66,19 +76,31 @@ rule cost:
     input:
         unpack(cost_inputs),
     output:
-        csv=report("results/tables/cost.csv", caption="../report/cost.rst", category="Tables", subcategory="cost",
-                   labels={"table": "cost", "file": "CSV"}),
-        md=report("results/tables/cost.md", caption="../report/cost.rst", category="Tables", subcategory="cost",
-                  labels={"table": "cost", "file": "Markdown"}),
-    params:
-        args=cost_args,
+        csv=report(
+            "results/tables/cost.csv",
+            caption="../report/cost.rst",
+            category="Tables",
+            subcategory="cost",
+            labels={"table": "cost", "file": "CSV"},
+        ),
+        md=report(
+            "results/tables/cost.md",
+            caption="../report/cost.rst",
+            category="Tables",
+            subcategory="cost",
+            labels={"table": "cost", "file": "Markdown"},
+        ),
     log:
         "logs/cost.log",
     benchmark:
         "benchmarks/cost.tsv"
     localrule: True
+    conda:
+        SOFTWARE_ENV
+    params:
+        args=cost_args,
     shell:
-        "sidcore cost {params.args} --out {output.csv} > {log} 2>&1"
+        "sidcore cost {params.args} --out {output.csv} --markdown {output.md} > {log} 2>&1"
 
 
 # One-step samples of a run's generator with fixed seeds, beside the teacher's (where teacher_eval is set).
@@ -86,25 +108,30 @@ rule figure:
     input:
         unpack(figure_inputs),
     output:
-        report("results/figures/{dataset}-{method}-alpha{alpha}.png", caption="../report/figure.rst",
-               category="Samples", subcategory="{dataset}", labels={"dataset": "{dataset}", "run": "{method} α {alpha}"}),
-    params:
-        **launch_params("figure"),
-        settings=lambda w: settings(w.dataset, w.method, w.alpha),
-        teacher=lambda w, input: f"--teacher {input.teacher}" if "teacher" in input.keys() else "",
-        extra=lambda w, input: eval_args(w, input),
-        figure=lambda w: "--seed {seed} --rows {rows} --cols {cols}".format(**config["figures"]),
+        report(
+            "results/figures/{dataset}-{method}-alpha{alpha}.png",
+            caption="../report/figure.rst",
+            category="Samples",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "run": "{method} α {alpha}"},
+        ),
     log:
         "logs/figure/{dataset}-{method}-alpha{alpha}.log",
     benchmark:
         "benchmarks/figure/{dataset}-{method}-alpha{alpha}.tsv"
     localrule: True
+    conda:
+        SOFTWARE_ENV
     threads: launch_threads("evaluate", single=True)
     resources:
         **gpu_resources("evaluate", single=True),
+    params:
+        settings=lambda w: settings(w.dataset, w.method, w.alpha, stage="figure"),
+        teacher=lambda w, input: f"--teacher {input.teacher}" if "teacher" in input.keys() else "",
+        extra=lambda w, input: eval_args(w, input),
+        figure=lambda w: "--seed {seed} --rows {rows} --cols {cols}".format(**config["figures"]),
     shell:
-        LAUNCH + " --"
-        " figure --settings {params.settings:q} --generator {input.generator} {params.teacher} --data {input.data}"
+        "{resources.launch} -- figure --settings {params.settings:q} --generator {input.generator} {params.teacher} --data {input.data}"
         " {params.extra} {params.figure} --out {output} > {log} 2>&1"
 
 
@@ -113,18 +140,36 @@ rule claims:
     input:
         unpack(claims_inputs),
     output:
-        csv=report("results/claims/{dataset}.csv", caption="../report/claims.rst", category="Claims",
-                   subcategory="{dataset}", labels={"dataset": "{dataset}", "file": "CSV"}),
-        md=report("results/claims/{dataset}.md", caption="../report/claims.rst", category="Claims",
-                  subcategory="{dataset}", labels={"dataset": "{dataset}", "file": "Markdown"}),
-        png=report("results/claims/{dataset}.png", caption="../report/claims.rst", category="Claims",
-                   subcategory="{dataset}", labels={"dataset": "{dataset}", "file": "PNG"}),
-    params:
-        args=claims_args,
+        csv=report(
+            "results/claims/{dataset}.csv",
+            caption="../report/claims.rst",
+            category="Claims",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "file": "CSV"},
+        ),
+        md=report(
+            "results/claims/{dataset}.md",
+            caption="../report/claims.rst",
+            category="Claims",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "file": "Markdown"},
+        ),
+        png=report(
+            "results/claims/{dataset}.png",
+            caption="../report/claims.rst",
+            category="Claims",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "file": "PNG"},
+        ),
     log:
         "logs/claims/{dataset}.log",
     benchmark:
         "benchmarks/claims/{dataset}.tsv"
     localrule: True
+    conda:
+        SOFTWARE_ENV
+    params:
+        args=claims_args,
     shell:
-        "sidcore claims --title {wildcards.dataset} {params.args} --out {output.csv} --plot {output.png} > {log} 2>&1"
+        "sidcore claims --title {wildcards.dataset} {params.args} --out {output.csv} --markdown {output.md}"
+        " --plot {output.png} > {log} 2>&1"

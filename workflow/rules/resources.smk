@@ -2,23 +2,24 @@
 # Downloads run where Snakemake runs (the login node on a cluster): compute jobs never use the network
 # and find every artifact under resources/downloads/<registry key>.
 
-LOCK = "resources/artifacts.lock.json"
-
 
 rule download:
     output:
         "resources/downloads/{key}",
-    wildcard_constraints:
-        key="(?:" + "|".join(ARTIFACT_GROUPS) + ")/.+",
-    params:
-        key="{key}",
     log:
         "logs/download/{key}.log",
     benchmark:
         "benchmarks/download/{key}.tsv"
+    wildcard_constraints:
+        key="(?:" + "|".join(ARTIFACT_GROUPS) + ")/.+",
     localrule: True
+    conda:
+        SOFTWARE_ENV
+    params:
+        key="{key}",
+        lock="resources/artifacts.lock.json",  # sha256 pinned on first download (sidcore.download)
     shell:
-        "sidcore download {params.key:q} --out {output:q} --lock {LOCK} > {log:q} 2>&1"
+        "sidcore download {params.key:q} --out {output:q} --lock {params.lock} > {log:q} 2>&1"
 
 
 rule prepare_data:
@@ -26,15 +27,17 @@ rule prepare_data:
         unpack(prepare_inputs),
     output:
         "resources/data/{data}.zip",
-    params:
-        settings=lambda w: settings(dataset_of_data(w.data), stage="prepare"),
-        args=lambda w: prepare_args(w.data),
     log:
         "logs/prepare_data/{data}.log",
     benchmark:
         "benchmarks/prepare_data/{data}.tsv"
+    conda:
+        SOFTWARE_ENV
     resources:
         **cpu_resources(),
+    params:
+        settings=lambda w: settings(dataset_of_data(w.data), stage="prepare"),
+        args=lambda w: prepare_args(w.data),
     shell:
         "sidcore prepare-data --settings {params.settings:q} {params.args} --out {output} > {log} 2>&1"
 
@@ -45,22 +48,23 @@ rule encode_latents:
         unpack(prepare_inputs),
     output:
         "resources/data/{data}.zip",
-    wildcard_constraints:
-        data=LATENT_DATA,
-    params:
-        **launch_params("encode"),
-        settings=lambda w: settings(dataset_of_data(w.data), stage="prepare"),
-        args=lambda w: prepare_args(w.data),
     log:
         "logs/encode_latents/{data}.log",
     benchmark:
         "benchmarks/encode_latents/{data}.tsv"
+    wildcard_constraints:
+        data=LATENT_DATA,
     localrule: True
+    conda:
+        SOFTWARE_ENV
     threads: launch_threads("encode")
     resources:
         **gpu_resources("encode"),
+    params:
+        settings=lambda w: settings(dataset_of_data(w.data), stage="prepare"),
+        args=lambda w: prepare_args(w.data),
     shell:
-        LAUNCH + " -- prepare-data --settings {params.settings:q} {params.args} --out {output} > {log} 2>&1"
+        "{resources.launch} -- prepare-data --settings {params.settings:q} {params.args} --out {output} > {log} 2>&1"
 
 
 ruleorder: encode_latents > prepare_data
@@ -71,16 +75,20 @@ rule convert_teacher:
         "resources/downloads/teacher/{name}",
     output:
         "resources/teachers/{name}.pt",
-    params:
-        network=lambda w: network_json(f"teacher/{w.name}"),
     log:
         "logs/convert/teacher-{name}.log",
     benchmark:
         "benchmarks/convert/teacher-{name}.tsv"
+    conda:
+        SOFTWARE_ENV
     resources:
         **cpu_resources(),
+    params:
+        network=lambda w: network_json(f"teacher/{w.name}"),
+        sampling="",
     shell:
-        "sidcore convert-network --src {input} --out {output} --network {params.network:q} > {log} 2>&1"
+        "sidcore convert-network --src {input} --out {output} --network {params.network:q} {params.sampling}"
+        " > {log} 2>&1"
 
 
 use rule convert_teacher as convert_generator with:
@@ -88,14 +96,15 @@ use rule convert_teacher as convert_generator with:
         "resources/downloads/{family}/{name}",
     output:
         "resources/generators/{family}/{name}.pt",
-    wildcard_constraints:
-        family="sid|sida|sid2a",
-    params:
-        network=lambda w: network_json(f"{w.family}/{w.name}", generator=True),
     log:
         "logs/convert/generator-{family}-{name}.log",
     benchmark:
         "benchmarks/convert/generator-{family}-{name}.tsv"
+    wildcard_constraints:
+        family=METHOD_PATTERN,
+    params:
+        network=lambda w: network_json(f"{w.family}/{w.name}", generator=True),
+        sampling=lambda w: f"--sampling {sampling_json(f'{w.family}/{w.name}')!r}",
 
 
 rule train_teacher:
@@ -103,14 +112,16 @@ rule train_teacher:
         data=data_file,
     output:
         "resources/teachers/trained/{dataset}.pt",
-    params:
-        settings=lambda w: settings(w.dataset, stage="train_teacher"),
     log:
         "logs/train_teacher/{dataset}.log",
     benchmark:
         "benchmarks/train_teacher/{dataset}.tsv"
+    conda:
+        SOFTWARE_ENV
     resources:
         **cpu_resources(),
+    params:
+        settings=lambda w: settings(w.dataset, stage="train_teacher"),
     shell:
         "sidcore train-teacher --settings {params.settings:q} --data {input.data} --out {output} > {log} 2>&1"
 
@@ -121,14 +132,16 @@ rule compute_reference:
         detector=detector_file,
     output:
         "resources/refs/computed/{dataset}.npz",
-    params:
-        detector=lambda w: DATASETS[w.dataset]["detector"]["name"],
     log:
         "logs/compute_reference/{dataset}.log",
     benchmark:
         "benchmarks/compute_reference/{dataset}.tsv"
+    conda:
+        SOFTWARE_ENV
     resources:
         **cpu_resources(),
+    params:
+        detector=lambda w: DATASETS[w.dataset]["detector"]["name"],
     shell:
         "sidcore ref-stats --data {input.data} --detector {params.detector} --detector-weights {input.detector}"
         " --out {output} > {log} 2>&1"
@@ -139,13 +152,15 @@ rule train_detector:
         data=data_file,
     output:
         "resources/detectors/trained/{dataset}.pt",
-    params:
-        epochs=lambda w: DATASETS[w.dataset]["detector"].get("epochs", 20),
     log:
         "logs/train_detector/{dataset}.log",
     benchmark:
         "benchmarks/train_detector/{dataset}.tsv"
+    conda:
+        SOFTWARE_ENV
     resources:
         **cpu_resources(),
+    params:
+        epochs=lambda w: DATASETS[w.dataset]["detector"].get("epochs", 20),
     shell:
         "sidcore train-detector --data {input.data} --out {output} --seed 0 --epochs {params.epochs} > {log} 2>&1"

@@ -1,0 +1,72 @@
+"""The ``sidcore`` command: the command-line layer on top of the library.
+
+One module per group of commands (``stages``: the pipeline's compute stages; ``artifacts``: downloads,
+conversions, detectors and reference statistics; ``report``: summaries, tables, plots, figures, claims;
+``tools``: benchmark and launcher). Each adds its subparsers in ``register`` and imports the library
+only inside the function that runs a command, so a job pays for the libraries it uses and no more.
+
+A ``UserError`` (bad config, file, flag, download) is printed as its message, without a traceback, and
+the command exits with status 2; ``--debug`` or ``SIDCORE_DEBUG=1`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sidcore.cli import artifacts, report, stages, tools
+from sidcore.errors import UserError
+
+GROUPS = (stages, artifacts, report, tools)
+RESUMABLE = ("distill", "evaluate")  # commands that take a stop signal as a request to save and exit
+USER_ERROR_EXIT = 2
+
+# Only `download` may use the network; every other command reads local files. These switches keep the
+# libraries that could fetch on their own (Hugging Face hub / diffusers, torch.hub) offline.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "DIFFUSERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``sidcore`` parser with every command."""
+    p = argparse.ArgumentParser(prog="sidcore", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in GROUPS:
+        group.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program itself: take over the stop signals the launcher may have blocked
+        from sidcore import stopping
+        stopping.watch(resumable=command_of(sys.argv[1:]) in RESUMABLE)
+        try:
+            return run(sys.argv[1:])
+        finally:  # Python's teardown restores default actions (not SIG_IGN): a late stop signal must not kill the exit
+            stopping.ignore()
+    return run(argv)
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (its first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def run(argv: list[str]) -> int:
+    """Parse ``argv`` and run its command; a user error becomes one message on stderr and exit status 2."""
+    args = parser().parse_args(argv)
+    if args.command != "download":
+        os.environ.update(OFFLINE_ENV)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, FileNotFoundError) as e:  # a missing input file is the user's to provide
+        if args.debug or os.environ.get("SIDCORE_DEBUG"):
+            raise
+        message = e.args[0] if e.args else str(e)
+        print(f"sidcore {args.command}: error: {message}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from sidcore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""Commands around the pipeline: benchmark (speed of an iteration) and launch (run a command as a job)."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    from sidcore import benchmark as bench
+    if args.only:
+        layout, method = args.only.split(":")
+        print(json.dumps(bench.measure(layout, method, args.repeats)), flush=True)
+    else:
+        bench.run(args.layouts or list(bench.LAYOUTS), args.repeats, args.out, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def launch(args: argparse.Namespace) -> int:
+    from sidcore.launch import JobSpec
+    from sidcore.launch import launch as run
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    spec = JobSpec(**{f.name: getattr(args, f.name) for f in fields(JobSpec)})
+    return run(spec, command, Path(args.logdir), args.lost_after_s)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from sidcore.launch import EXECUTORS, JobSpec
+
+    p = subparsers.add_parser("benchmark", help="time one distillation iteration and its required network passes")
+    p.add_argument("--layouts", nargs="+", help="layouts to measure (sidcore.benchmark.LAYOUTS; default: all)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median; after a warm-up)")
+    p.add_argument("--out", help="also write the rows as JSON")
+    p.add_argument("--only", help=argparse.SUPPRESS)  # layout:method, one configuration in this process
+    p.set_defaults(func=benchmark)
+
+    p = subparsers.add_parser("launch", help="run a compute command as a (SLURM or local) submitit job")
+    for f in fields(JobSpec):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("executor", "name"):
+            p.add_argument(flag, required=True, choices=EXECUTORS if f.name == "executor" else None)
+        else:
+            kind = int if f.type in ("int", int) else str
+            p.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default})")
+    p.add_argument("--logdir", required=True, help="folder of the job's ids and per-task logs")
+    p.add_argument("--lost-after-s", type=float, default=120.0,
+                   help="report a SLURM job failed once it has left the queue this long without a result "
+                        "(clusters without accounting, where sacct cannot say)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS]: the sidcore command to run")
+    p.set_defaults(func=launch)

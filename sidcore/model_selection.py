@@ -1,0 +1,75 @@
+"""Model selection during distillation, as the official loops: G_ema evaluated at scheduled ticks, its snapshots
+(``snapshot-<images seen>.pt`` of the last evaluations, ``best-snapshot.pt``), sample grids
+(``fakes-<kimg>.png``), and the run's declared outputs: ``generator.pt`` (the best-FID G_ema) and ``log.jsonl``.
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sidcore import checkpoint, progress_log
+from sidcore.atomic import atomic_path
+from sidcore.distributed import Context, broadcast
+from sidcore.latent import StabilityVAE
+from sidcore.sampling import image_grid, one_step, to_pixels
+from sidcore.settings import sampling
+
+EvaluateFn = Callable[[torch.nn.Module], dict]  # G_ema -> {"fid": …, …} on rank 0
+
+
+class ModelSelection:
+    """The best FID so far and the G_ema files of a run directory (written by rank 0)."""
+
+    def __init__(self, settings: dict, network: dict, outdir: Path, ctx: Context, grid_z: torch.Tensor,
+                 grid_labels: torch.Tensor, vae: StabilityVAE | None) -> None:
+        self.settings, self.d, self.network = settings, settings["distill"], network
+        self.outdir, self.ctx = outdir, ctx
+        self.grid_z, self.grid_labels, self.vae = grid_z, grid_labels, vae
+        self.best_fid, self.best_kimg = float("inf"), None
+
+    def due(self, tick: int, done: bool) -> bool:
+        """At the ticks of ``eval_early_ticks`` and every ``snap_ticks`` ticks, none before ``eval_first_tick``
+        (EDM2: 20), and always at the end."""
+        d = self.d
+        scheduled = tick % d.snap_ticks == 0 or tick in d.eval_early_ticks
+        return done or (scheduled and tick >= d.eval_first_tick)
+
+    def evaluate(self, G_ema: torch.nn.Module, nimg: int, evaluate: EvaluateFn) -> dict:
+        """Metrics of G_ema at ``nimg`` images seen (every rank generates, rank 0 computes and shares them);
+        its snapshot and sample grid."""
+        metrics = broadcast(self.ctx, evaluate(G_ema))
+        fid, kimg = metrics["fid"], nimg / 1000
+        if fid < self.best_fid:
+            self.best_fid, self.best_kimg = fid, kimg
+        if self.ctx.is_main:
+            self.save_grid(G_ema, nimg)
+            snap = checkpoint.network_snapshot(G_ema, self.network, kimg=kimg, fid=fid, alpha=self.settings["alpha"],
+                                               method=self.settings["method"], **sampling(self.settings))
+            checkpoint.save_atomic(snap, self.outdir / f"snapshot-{nimg:012d}.pt")
+            if self.best_kimg == kimg:
+                checkpoint.save_atomic(snap, self.outdir / "best-snapshot.pt")
+            for old in sorted(self.outdir.glob("snapshot-*.pt"))[:-self.d.keep_snapshots]:
+                old.unlink()
+        return metrics
+
+    @torch.no_grad()
+    def save_grid(self, G_ema: torch.nn.Module, nimg: int) -> None:
+        device = self.ctx.device
+        x = one_step(G_ema, self.grid_z.to(device), self.grid_labels.to(device), self.d.init_sigma)
+        grid = image_grid(to_pixels(x, self.vae), rows=8)
+        img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
+        with atomic_path(self.outdir / f"fakes-{nimg // 1000:06d}.png") as tmp:
+            img.save(tmp)
+
+    def publish(self) -> None:
+        """The declared outputs: the best-FID generator and the log."""
+        best = self.outdir / "best-snapshot.pt"
+        if not best.exists():
+            raise RuntimeError(f"{self.outdir}: no evaluation produced a finite FID; no generator to publish")
+        for src, dst in ((best, "generator.pt"), (self.outdir / progress_log.FILE, "log.jsonl")):
+            with atomic_path(self.outdir / dst) as tmp:
+                shutil.copyfile(src, tmp)

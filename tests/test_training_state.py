@@ -1,0 +1,74 @@
+"""The training state: a restart continues the run that wrote it, or says what differs and what to do."""
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from test_distill import NETWORK, fake_fid, make_toy, settings
+
+from sidcore import checkpoint, training_state
+from sidcore.distill import Distiller
+from sidcore.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_toy(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="module")
+def finished(files, tmp_path_factory):
+    """The directory of a finished SiD run."""
+    out = tmp_path_factory.mktemp("run")
+    Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", out).run(fake_fid, log=lambda m: None)
+    return out
+
+
+def test_changes_are_named_by_dotted_path_with_old_and_new_value():
+    old = {"alpha": 1.0, "init": None, "distill": {"lr": 1e-4, "seed": 3, "stage_kimg": [1, 2]}}
+    new = {"alpha": 1.2, "init": None, "distill": {"lr": 2e-4, "seed": 3, "stage_kimg": [1, 3], "bf16": True}}
+    assert training_state.changes(old, new) == ["alpha 1.0 -> 1.2", "distill.bf16 (unset) -> true",
+                                                "distill.lr 0.0001 -> 0.0002", "distill.stage_kimg [1, 2] -> [1, 3]"]
+    assert training_state.changes(new, new) == []
+
+
+def test_resume_with_changed_settings_names_each_change(files, finished):
+    changed = settings("sid", glr=3e-4, bf16=False)  # bf16's default: no change
+    changed["alpha"] = 1.0
+    with pytest.raises(UserError) as e:
+        Distiller(changed, files / "teacher.pt", files / "data.zip", finished)
+    assert str(e.value) == (f"{finished / 'training-state.pt'}: the run was started with different settings: "
+                            "alpha 1.2 -> 1.0, distill.glr 0.0001 -> 0.0003; "
+                            "delete the run directory to start over (or restore the settings)")
+
+
+def test_resume_with_another_number_of_processes_is_refused(finished):
+    path = finished / "training-state.pt"
+    with pytest.raises(UserError) as e:
+        training_state.read(path, 2, settings("sid"))
+    assert str(e.value) == (f"{path}: the run was started with 1 processes and is resumed with 2; resume it with 1 "
+                            "(each process has its own random streams) or delete the run directory to start over")
+    assert training_state.read(path, 1, settings("sid"))["cur_nimg"] == 160
+
+
+def test_an_unreadable_training_state_names_the_file_and_how_to_restart(files, tmp_path):
+    path = tmp_path / "training-state.pt"
+    path.write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", tmp_path)
+    assert str(e.value) == (f"{path}: not a readable sidcore checkpoint (an empty file); "
+                            "delete it to restart the run from its beginning")
+    checkpoint.save_atomic(checkpoint.network_snapshot(torch.nn.Linear(1, 1), NETWORK), path)
+    with pytest.raises(UserError, match=re.escape(f"{path}: not a training state of this sidcore version; delete it")):
+        Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", tmp_path)
+    path.unlink()
+    assert Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", tmp_path).cur_nimg == 0
+
+
+def test_random_states_are_restored():
+    device = torch.device("cpu")
+    state = training_state.rng_state(device)
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    training_state.set_rng_state(state, device)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws

@@ -1,0 +1,255 @@
+# Input functions of the rules (the files each job reads) and the arguments built from them; the report
+# rules' inputs, arguments and report entries.
+
+
+def data_file(w):
+    return f"resources/data/{data_name(w.dataset)}.zip"
+
+
+@functools.cache
+def data_zip(path: str, mtime: float, use_labels: bool):
+    """A data zip opened (its listing and first item only), once per version of the file."""
+    from sidcore.dataset import read_image_zip
+
+    return read_image_zip(path, use_labels=use_labels)
+
+
+def prepare_inputs(w):
+    """Files a data preparation job reads: the downloaded archive or the VAE that encodes latents. A local
+    source must exist while the data is still to be made, and a ready-made EDM zip must have the shape
+    config.yaml gives the networks (data made here from config.yaml has it)."""
+    d = DATASETS[dataset_of_data(w.data)]
+    s = resolve(config, dataset_of_data(w.data))
+    with config_file.exit_on_user_error("config error"):
+        if not os.path.exists(f"resources/data/{w.data}.zip"):
+            preflight.check_data_source(s)
+        if d["data"]["source"] == "edm-zip" and os.path.isfile(d["data"]["path"]):
+            path = d["data"]["path"]
+            preflight.check_data_shape(s, data_zip(path, os.path.getmtime(path), s["label_dim"] > 0))
+    if d["data"]["source"] == "cifar10-archive":
+        return {"archive": artifact_file(d["data"]["artifact"])}
+    if d["data"]["source"] == "vae-latents":
+        return {"vae": vae_files(d)}
+    return {}
+
+
+def prepare_args(name) -> str:
+    d = DATASETS[dataset_of_data(name)]
+    if d["data"]["source"] == "cifar10-archive":
+        return f"--archive {artifact_file(d['data']['artifact'])}"
+    if d["data"]["source"] == "vae-latents":
+        return f"--vae {artifact_file(d['latent']['vae'])}"
+    return ""
+
+
+def vae_files(d) -> list[str]:
+    return artifact_dir_files(d["latent"]["vae"]) if "latent" in d else []
+
+
+def teacher_file(w):
+    t = DATASETS[w.dataset]["teacher"]
+    if t["source"] == "train":
+        return f"resources/teachers/trained/{w.dataset}.pt"
+    return f"resources/teachers/{t['artifact'].split('/', 1)[1]}.pt"
+
+
+def refs_file(w):
+    r = DATASETS[w.dataset]["reference"]
+    if r["source"] == "compute":
+        return f"resources/refs/computed/{w.dataset}.npz"
+    return artifact_file(r["artifact"])
+
+
+def detector_file(w):
+    d = DATASETS[w.dataset]["detector"]
+    if d["source"] == "train":
+        return f"resources/detectors/trained/{w.dataset}.pt"
+    return artifact_file(d["artifact"])
+
+
+def init_file(w):
+    """SiD²A's starting generator (methods.sid2a.init), the same for every alpha: our SiD run of
+    init.alpha, or the released SiD generator of that alpha."""
+    init = DATASETS[w.dataset]["methods"]["sid2a"]["init"]
+    alpha = alpha_text(init["alpha"])
+    if init["from"] == "sid":
+        return f"{run_dir(w.dataset, 'sid', alpha)}/generator.pt"
+    return f"resources/generators/{released_keys(w.dataset, 'sid')[alpha]}.pt"
+
+
+def model_inputs(w, study="main"):
+    """Inputs of distillation and evaluation jobs: data, reference statistics, detector, the VAE where used."""
+    check_target(w, study)
+    d = DATASETS[w.dataset]
+    return {"data": data_file(w), "refs": refs_file(w), "detector": detector_file(w), "vae": vae_files(d)}
+
+
+def distill_inputs(w, study="main"):
+    """Inputs of a distillation: those of ``model_inputs``, the teacher and, for SiD²A, its starting generator."""
+    inputs = {**model_inputs(w, study), "teacher": teacher_file(w)}
+    if w.method == "sid2a":
+        inputs["init"] = init_file(w)
+    return inputs
+
+
+def init_arg(w, input) -> str:
+    return f"--init {input.init}" if "init" in input.keys() else ""
+
+
+def eval_inputs(w):
+    """Inputs of evaluation jobs: those of ``model_inputs``, DINOv2 and the precision/recall batch where needed."""
+    d = DATASETS[w.dataset]
+    inputs = model_inputs(w)
+    if "fd_dinov2" in d["metrics"]:
+        inputs["dinov2"] = artifact_file(config["evaluation"]["fd_dinov2_detector"])
+    if {"precision", "recall"} & set(d["metrics"]):
+        inputs["pr_reference"] = artifact_file(d["pr_reference"]["artifact"])
+    return inputs
+
+
+def eval_args(w, input) -> str:
+    """Command-line flags for the optional inputs of ``model_inputs`` and ``eval_inputs``."""
+    d = DATASETS[w.dataset]
+    args = f"--vae {artifact_file(d['latent']['vae'])}" if "latent" in d else ""
+    if "dinov2" in input.keys():
+        args += f" --dinov2-weights {input.dinov2}"
+    if "pr_reference" in input.keys():
+        args += f" --pr-reference {input.pr_reference}"
+    return args
+
+
+# Report rules: inputs, arguments and report entries.
+
+
+def summaries_of_table(w):
+    check_target(w)
+    out = []
+    for dataset in datasets_of_tables([w.table]):
+        if "teacher_eval" in DATASETS[dataset]:
+            out.append(f"results/{dataset}/teacher/eval/summary.json")
+        out += [f"{run_dir(dataset, m, a)}/eval/summary.json" for m, a in runs(dataset)]
+        out += [f"results/{dataset}/released/{m}/alpha{a}/eval/summary.json" for m, a in released_runs(dataset)]
+    return out
+
+
+def plot_inputs(w):
+    check_target(w)
+    inputs = {"logs": [f"{run_dir(w.dataset, m, a)}/log.jsonl" for m, a in runs(w.dataset)]}
+    if "teacher_eval" in DATASETS[w.dataset]:
+        inputs["teacher"] = f"results/{w.dataset}/teacher/eval/summary.json"
+    return inputs
+
+
+def plot_args(w, input) -> str:
+    """The runs' curves, and what identifies the dataset's paper numbers (its table and EDM2 size)."""
+    d = DATASETS[w.dataset]
+    args = [f"--run {m} {a} {log}" for (m, a), log in zip(runs(w.dataset), input.logs)]
+    args.append(f"--table {d['table']}")
+    if "size" in d:
+        args.append(f"--size {d['size']}")
+    if "teacher" in input.keys():
+        args.append(f"--teacher-summary {input.teacher}")
+    return " ".join(args)
+
+
+def ablation_logs(w):
+    """The logs of the dataset's α ablation (config `ablation`)."""
+    check_target(w)
+    if "ablation" not in DATASETS[w.dataset]:
+        refuse_target(f"datasets.{w.dataset}.ablation: no α ablation configured for this dataset")
+    return [f"{run_dir(w.dataset, m, a, 'ablation')}/log.jsonl" for m, a in runs(w.dataset, "ablation")]
+
+
+def cost_runs():
+    """(dataset, method, alpha) of every distillation of the configured tables."""
+    return [(d, m, a) for d in datasets_of_tables(config["tables"]) for m, a in runs(d)]
+
+
+def cost_inputs(w):
+    return {
+        "logs": [f"{run_dir(d, m, a)}/log.jsonl" for d, m, a in cost_runs()],
+        "benchmarks": [f"benchmarks/distill/{d}-{m}-alpha{a}.tsv" for d, m, a in cost_runs()],
+    }
+
+
+def cost_args(w, input) -> str:
+    return " ".join(
+        f"--run {d} {DATASETS[d]['table']} {m} {a} {log} {bench}"
+        for (d, m, a), log, bench in zip(cost_runs(), input.logs, input.benchmarks)
+    )
+
+
+def figure_inputs(w):
+    """A run's generator, the data (label distribution), the teacher where it is evaluated, the VAE where used."""
+    check_target(w)
+    d = DATASETS[w.dataset]
+    inputs = {
+        "generator": f"{run_dir(w.dataset, w.method, w.alpha)}/generator.pt",
+        "data": data_file(w),
+        "vae": vae_files(d),
+    }
+    if "teacher_eval" in d:
+        inputs["teacher"] = teacher_file(w)
+    return inputs
+
+
+def claims_inputs(w):
+    """Everything claims (a)–(e) read: the teacher's and every run's evaluation, the runs' logs, the α ablation
+    (and its table and plot, and the dataset's plot, so that the target brings the experiment's plots)."""
+    check_target(w)
+    d = DATASETS[w.dataset]
+    missing = [
+        key
+        for key, ok in (
+            ("teacher_eval", "teacher_eval" in d),
+            ("methods.sid", "sid" in d["methods"]),
+            ("methods.sida", "sida" in d["methods"]),
+            ("methods.sid2a", "sid2a" in d["methods"]),
+            ("ablation (of sida)", "sida" in d.get("ablation", {}).get("methods", [])),
+        )
+        if not ok
+    ]
+    if missing:
+        refuse_target(f"datasets.{w.dataset}: the claims need {', '.join(missing)}")
+    main = runs(w.dataset)
+    return {
+        "teacher": f"results/{w.dataset}/teacher/eval/summary.json",
+        "logs": [f"{run_dir(w.dataset, m, a)}/log.jsonl" for m, a in main],
+        "summaries": [f"{run_dir(w.dataset, m, a)}/eval/summary.json" for m, a in main],
+        "ablation": ablation_logs(w),
+        "ablation_plot": f"results/plots/alpha-ablation-{w.dataset}.png",
+        "plot": f"results/plots/{w.dataset}.png",
+    }
+
+
+def claims_args(w, input) -> str:
+    main = runs(w.dataset)
+    args = [
+        f"--teacher-summary {input.teacher}",
+        f"--sid2a-init-alpha {DATASETS[w.dataset]['methods']['sid2a']['init']['alpha']}",
+    ]
+    args += [f"--run {m} {a} {log} {summary}" for (m, a), log, summary in zip(main, input.logs, input.summaries)]
+    args += [f"--ablation {a} {log}" for (m, a), log in zip(runs(w.dataset, "ablation"), input.ablation) if m == "sida"]
+    return " ".join(args)
+
+
+def table_report(path, kind, caption="table.rst", name="table"):
+    """A table output for the report: category Tables, one subcategory per value of wildcard ``name``."""
+    return report(
+        path,
+        caption=f"../report/{caption}",
+        category="Tables",
+        subcategory=f"{{{name}}}",
+        labels={name: f"{{{name}}}", "file": kind},
+    )
+
+
+def plot_report(path, kind, caption="plot.rst"):
+    """A plot output for the report: one subcategory per dataset."""
+    return report(
+        path,
+        caption=f"../report/{caption}",
+        category="FID against images seen",
+        subcategory="{dataset}",
+        labels={"dataset": "{dataset}", "file": kind},
+    )
