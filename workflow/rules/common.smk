@@ -36,9 +36,8 @@ from sidcore.settings import (
 )
 
 DATASETS = config["datasets"]
-SOFTWARE_ENV = (
-    "sidcore"  # every rule's conda environment (`--use-conda`): created by `conda env create -f envs/sidcore.yaml`
-)
+# The software of every rule: the environment `make install` builds (`conda env create -f envs/sidcore.yaml`).
+SOFTWARE_ENV = "../../envs/sidcore.yaml"
 METHOD_PATTERN = "|".join(METHODS)
 ARTIFACT_GROUPS = sorted({key.split("/", 1)[0] for key in artifacts()})
 
