@@ -173,12 +173,7 @@ def read_pickle(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"network pickle not found: {path}")
     with open(path, "rb") as f:
-        try:
-            return PersistenceUnpickler(f, path).load()
-        except UnsafePickleError:
-            raise
-        except Exception as e:  # noqa: BLE001 — truncated or foreign files get the path in the message
-            raise UserError(f"{path}: not a readable network pickle ({type(e).__name__}: {e})") from e
+        return PersistenceUnpickler(f, path).load()  # a truncated or foreign file: a UserError naming it
 
 
 def module_tensors(obj: Record | Inert, prefix: str = "") -> dict[str, torch.Tensor]:

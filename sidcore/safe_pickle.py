@@ -53,8 +53,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         """The pickle's content; a truncated or foreign file is a ``UserError`` naming it."""
         try:
             return super().load()
-        except UnsafePickleError:
-            raise
+        except UnsafePickleError as e:  # a refusal raised while rebuilding an object: name the file too
+            if str(e).startswith(str(self.path)):
+                raise
+            raise UnsafePickleError(f"{self.path}: {e}") from None
         except Exception as e:  # noqa: BLE001 — whatever the bytes make the unpickler raise
             raise UserError(f"{self.path}: not a readable pickle ({type(e).__name__}: {e}); the file is damaged or "
                             "not what it should be: delete it and download it again") from None

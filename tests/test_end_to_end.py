@@ -31,7 +31,8 @@ STUDIES = ("results/plots/alpha-ablation-tiny.png", "results/tables/cost.csv", "
 def test_tiny_experiment_end_to_end(tmp_path):
     for name in ("Snakefile", "config.yaml"):
         shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
+    for name in ("workflow", "envs"):  # envs/: the rules' software (their `conda:`)
+        shutil.copytree(ROOT / name, tmp_path / name)
     (tmp_path / "short.yaml").write_text(SHORT)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # `sidcore`
     r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "short.yaml"],

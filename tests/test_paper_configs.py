@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from sidcore import checkpoint, config, preflight
+from sidcore import checkpoint, config, preflight, strict_yaml
 from sidcore.dataset import write_image_zip, write_latent_zip
 from sidcore.distill import Distiller
+from sidcore.methods import METHODS
 from sidcore.networks import build_network
 from sidcore.settings import cluster_job, generator_settings, network_settings, resolve
 
@@ -113,3 +114,11 @@ def test_configured_run_passes_preflight_and_iterates_at_reduced_width(name, met
         assert losses and all(np.isfinite(v) for v in losses.values()), (stages[-1], losses)
     assert stages == ([1, 2, 3] if settings["adversarial"] else [2])
     assert any(not torch.equal(a, b) for a, b in zip(start, distiller.fake_score.parameters()))
+
+
+def test_the_schema_names_exactly_the_methods_sidcore_defines():
+    """The schema validates each method's block by name; the names are sidcore.methods.METHODS."""
+    dataset = strict_yaml.load(ROOT / config.SCHEMA)["$defs"]["dataset"]["properties"]
+    assert tuple(dataset["methods"]["properties"]) == METHODS
+    assert tuple(dataset["released"]["properties"]) == METHODS
+    assert tuple(dataset["ablation"]["properties"]["methods"]["items"]["enum"]) == METHODS

@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from configured import job
 
 from sidcore import checkpoint, cli
 from sidcore.dataset import write_image_zip
 from sidcore.networks import build_network
 from sidcore.report import ablation, claims, figure
+from sidcore.settings import for_stage
 
 TINY_NET = dict(arch="ddpmpp", img_resolution=8, img_channels=1, label_dim=10, model_channels=16,
                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=0, dropout=0.0)
@@ -180,9 +182,9 @@ def test_figure_draws_generator_and_teacher_from_the_same_latents_and_labels(tmp
     for name in ("generator", "teacher"):
         net = build_network(**TINY_NET)
         paths[name] = tmp_path / f"{name}.pt"
-        checkpoint.save_atomic(checkpoint.network_snapshot(net, TINY_NET), paths[name])
-    settings = {"dataset": "tiny", "method": "sid", "alpha": 1.2, "channels": 1, "resolution": 8, "label_dim": 10,
-                "distill": {"init_sigma": 2.5}, "teacher_eval": {"num_steps": 2}}
+        sampling = {"init_sigma": 2.5} if name == "generator" else {}  # the generator says how to sample it
+        checkpoint.save_atomic(checkpoint.network_snapshot(net, TINY_NET, **sampling), paths[name])
+    settings = for_stage(job("tiny", "sid", 1.2, teacher_eval={"num_steps": 2}), "figure")
     device = torch.device("cpu")
     panels = figure.grids(settings, str(paths["generator"]), str(paths["teacher"]), str(tiny_zip), None, 7, 2, 3,
                           device)

@@ -153,7 +153,7 @@ def check_table(work: Path, table: str, summaries: list[dict]) -> None:
 def test_tables_plots_and_report_from_fixture_outputs(tmp_path: Path) -> None:
     for name in ("Snakefile", "config.yaml"):
         shutil.copy(ROOT / name, tmp_path / name)
-    for name in ("workflow", "profiles"):
+    for name in ("workflow", "envs", "profiles"):
         shutil.copytree(ROOT / name, tmp_path / name)
     (tmp_path / "released.yaml").write_text(OVERLAY)
     config = yaml.safe_load((ROOT / "config.yaml").read_text())

@@ -191,7 +191,7 @@ def workdir(slurm, tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm-work")
     for name in ("Snakefile", "config.yaml"):
         shutil.copy(ROOT / name, work / name)
-    for name in ("workflow", "profiles", "slurm"):
+    for name in ("workflow", "envs", "profiles", "slurm"):
         shutil.copytree(ROOT / name, work / name)
     (work / "short.yaml").write_text(SHORT)
     r = subprocess.run([str(BIN / "snakemake"), "--profile", "slurm", "--configfile", "short.yaml",

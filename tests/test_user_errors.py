@@ -3,6 +3,7 @@
 tests/test_workflow.py; bad downloads: tests/test_download*.py.)"""
 from __future__ import annotations
 
+import copyreg
 import json
 import os
 import pickle
@@ -27,6 +28,13 @@ NETWORK = dict(arch="ddpmpp", img_resolution=8, img_channels=1, label_dim=10, mo
                num_blocks=1, attn_resolutions=[4], augment_dim=0, dropout=0.0)
 
 
+class NewDict:
+    """A pickle that asks ``copyreg.__newobj__`` for a class the network reader does not admit."""
+
+    def __reduce__(self):
+        return copyreg.__newobj__, (dict,)
+
+
 class Shell:
     """A pickle whose loading would run a shell command (``os.system``)."""
 
@@ -46,6 +54,7 @@ def files(tmp_path_factory) -> Path:
     good = pickle.dumps({"fid": {"mu": np.zeros(4), "sigma": np.eye(4)}})
     (root / "truncated.pkl").write_bytes(good[: len(good) // 2])
     (root / "code.pkl").write_bytes(pickle.dumps(Shell()))
+    (root / "newobj.pkl").write_bytes(pickle.dumps({"ema": NewDict()}, protocol=1, fix_imports=False))
     torch.save({"hook": Shell()}, root / "code.pt")
     (root / "empty.pt").write_bytes(b"")
     detector, accuracy = digits.train_digit_classifier(torch.from_numpy(rng.integers(0, 256, (64, 1, 8, 8),
@@ -95,6 +104,9 @@ CASES = [
                                            "--out", str(f / "o.pt")], "truncated.pkl: not a readable"),
     ("pickle that runs code", lambda f: ["convert-network", "--src", str(f / "code.pkl"), "--out", str(f / "o.pt")],
      "code.pkl: refusing to load global posix.system"),
+    ("pickle that builds an object it may not", lambda f: ["convert-network", "--src", str(f / "newobj.pkl"),
+                                                           "--out", str(f / "o.pt")],
+     "newobj.pkl: copyreg.__newobj__ on <class 'dict'> refused"),
     ("network pickle missing", lambda f: ["convert-network", "--src", str(f / "none.pkl"), "--out", str(f / "o.pt")],
      "network pickle not found: "),
     ("truncated reference .pkl", lambda f: evaluate(f, refs="truncated.pkl"),

@@ -30,7 +30,8 @@ def workdir(tmp_path):
     """A copy of the workflow (not of results/) to run Snakemake in."""
     for name in ("Snakefile", "config.yaml"):
         shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
+    for name in ("workflow", "envs"):  # envs/: the rules' software (their `conda:`)
+        shutil.copytree(ROOT / name, tmp_path / name)
     return with_local_data(tmp_path)
 
 
@@ -298,7 +299,7 @@ def copy_repository(dest: Path) -> Path:
     """The files a fresh clone has at its root that Snakemake reads."""
     for name in ("Snakefile", "config.yaml"):
         shutil.copy(ROOT / name, dest / name)
-    for name in ("workflow", "profiles", "slurm"):
+    for name in ("workflow", "envs", "profiles", "slurm"):
         shutil.copytree(ROOT / name, dest / name)
     return with_local_data(dest)
 

@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     """The ``sidcore`` parser with every command."""
     p = argparse.ArgumentParser(prog="sidcore", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.register(sub)
     return p
@@ -56,7 +56,7 @@ def command_of(argv: list[str]) -> str | None:
 def run(argv: list[str]) -> int:
     """Parse ``argv`` and run its command; a user error becomes one message on stderr and exit status 2."""
     args = parser().parse_args(argv)
-    if args.command != "download":
+    if args.subcommand != "download":
         os.environ.update(OFFLINE_ENV)
     try:
         return int(args.func(args) or 0)
@@ -64,7 +64,7 @@ def run(argv: list[str]) -> int:
         if args.debug or os.environ.get("SIDCORE_DEBUG"):
             raise
         message = e.args[0] if e.args else str(e)
-        print(f"sidcore {args.command}: error: {message}", file=sys.stderr)
+        print(f"sidcore {args.subcommand}: error: {message}", file=sys.stderr)
         return USER_ERROR_EXIT
 
 
