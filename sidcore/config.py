@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sidcore import strict_yaml
-from sidcore.errors import UserError
+from sidcore.errors import UserError, debugging, message
 
 SCHEMA = Path("workflow/schemas/config.schema.yaml")
 
@@ -49,6 +49,6 @@ def exit_on_user_error(what: str) -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        if os.environ.get("SIDCORE_DEBUG"):
+        if debugging():
             raise
-        sys.exit(f"{what}: {e.args[0]}")
+        sys.exit(f"{what}: {message(e)}")

@@ -39,7 +39,7 @@ from sidcore.progress import Progress
 from sidcore.progress_log import add, append, device_name, format_record, peak_memory_mb, summarize
 from sidcore.randomness import SampleNoise, micro_batch_positions
 from sidcore.sampling import one_step
-from sidcore.settings import Distill, generator_settings, typed
+from sidcore.settings import Distill, generator_settings
 
 
 def adam_eps(fp16: bool) -> float:
@@ -60,7 +60,6 @@ class Distiller:
 
     def __init__(self, settings: dict, teacher_path: str, data_path: str, outdir: str,
                  init_path: str | None = None, ctx: Context | None = None, vae_path: str | None = None) -> None:
-        settings = typed(settings)
         d: Distill = settings["distill"]
         self.settings, self.d = settings, d
         self.outdir = Path(outdir)

@@ -358,8 +358,7 @@ def _transfer(url: str, part: Path, label: str, *, timeout: float, chunk: int, p
         with open(part, "ab" if offset else "wb") as f:
             while block := response.read(chunk):
                 f.write(block)
-                meter.update(meter.done + len(block))
-                if meter.due():
+                if meter.advance(meter.done + len(block)):
                     _say(progress, f"{label}: {meter.line()}")
             f.flush()
             os.fsync(f.fileno())

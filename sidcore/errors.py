@@ -7,6 +7,18 @@ keeps its traceback.
 """
 from __future__ import annotations
 
+import os
+
 
 class UserError(ValueError):
     """Bad input: the message names the file, key, flag or URL, and what to do about it."""
+
+
+def debugging() -> bool:
+    """Whether ``SIDCORE_DEBUG`` asks for the traceback of user errors too."""
+    return bool(os.environ.get("SIDCORE_DEBUG"))
+
+
+def message(error: Exception) -> str:
+    """The sentence of an error (a ``KeyError``-like one without the quotes ``str`` adds)."""
+    return error.args[0] if error.args else str(error)

@@ -124,8 +124,8 @@ class Evaluator:
                 labels = self.labels(n, gen, self.device)
                 images = to_pixels(sample(noise(n, self.shape, gen, self.device), labels), self.vae)
                 mine[block] = {name: metrics.extract(det, images) for name, det in self.detectors.items()}
-            progress.update(min((step + 1) * ctx.world_size * batch, num_images))
-            if ctx.is_main and not progress.finished and progress.due():
+            if progress.advance(min((step + 1) * ctx.world_size * batch, num_images)) and ctx.is_main \
+                    and not progress.finished:
                 self.log(f"run {run}: {progress.line(rate='seconds_per_unit')}")
         parts = gather_to_main(ctx, mine)
         if parts is None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from sidcore.errors import UserError
 from sidcore.methods import alpha_text
-from sidcore.settings import AUGMENT_DIM, batch_arithmetic, num_blocks, typed
+from sidcore.settings import AUGMENT_DIM, batch_arithmetic, num_blocks
 
 LOCAL_SOURCES = ("image-folder", "vae-latents", "edm-zip")  # data sources read from data.path
 
@@ -95,7 +95,6 @@ def check_init(config: dict, dataset: str) -> None:
 def check_distill(settings: dict, world_size: int) -> tuple[int, int]:
     """Settings ``sidcore distill`` cannot run with ``world_size`` processes; returns (per-process batch,
     accumulation rounds)."""
-    settings = typed(settings)
     d, net, key = settings["distill"], settings["network"], where(settings)
     arch = net["arch"]
     g_start, gan_start = d.stage_kimg
@@ -125,7 +124,6 @@ def check_distill(settings: dict, world_size: int) -> tuple[int, int]:
 
 def check_evaluation(settings: dict) -> None:
     """Evaluation settings no run can use: too many generation blocks per run (final, and in-training)."""
-    settings = typed(settings)
     evaluation = settings["evaluation"]
     counts = [evaluation.num_images]
     if "distill" in settings:  # a distillation's in-training evaluation

@@ -107,12 +107,6 @@ def _transformed(files: list[Path], resolution: int, transform: str, workers: in
         yield from pool.map(load, files, chunksize=64)
 
 
-def report(progress: Progress, done: int, log: Log) -> None:
-    progress.update(done)
-    if progress.due():
-        log(progress.line())
-
-
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -125,7 +119,8 @@ def images_from_folder(root: str | os.PathLike, out: str | os.PathLike, resoluti
     with zip_writer(out) as add:
         for i, image in enumerate(_transformed(files, resolution, transform, workers or default_workers())):
             add(image, None if classes is None else classes[i])
-            report(progress, i + 1, log)
+            if progress.advance(i + 1):
+                log(progress.line())
     log(f"{root}: {len(files)} images{f', {max(classes) + 1} classes' if classes else ''} -> {out}")
     return len(files)
 
@@ -149,7 +144,8 @@ def latents_from_folder(root: str | os.PathLike, out: str | os.PathLike, encode:
                     add(item, None if classes is None else classes[done])
                     done += 1
                 pending = []
-                report(progress, done, log)
+                if progress.advance(done):
+                    log(progress.line())
     log(f"{root}: {done} images encoded to latents {tuple(stats.shape[1:])} -> {out}")
     return done
 

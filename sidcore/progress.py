@@ -27,6 +27,11 @@ class Progress:
     def update(self, done: float) -> None:
         self.done = done
 
+    def advance(self, done: float) -> bool:
+        """``update`` to ``done``; whether a report is due (see ``due``)."""
+        self.update(done)
+        return self.due()
+
     def due(self) -> bool:
         """Whether a report is due (``every`` seconds since the last, or finished); marks it made."""
         now = time.monotonic()

@@ -90,10 +90,8 @@ Block = TypeVar("Block")
 BLOCKS = {"distill": Distill, "evaluation": Evaluation}
 
 
-def block(kind: type[Block], values: dict | Block, key: str) -> Block:
+def block(kind: type[Block], values: dict, key: str) -> Block:
     """``values`` as ``kind``: a key it does not know, or a required one missing, is an error naming it."""
-    if isinstance(values, kind):
-        return values
     names = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -106,7 +104,7 @@ def block(kind: type[Block], values: dict | Block, key: str) -> Block:
 
 
 def typed(settings: dict) -> dict:
-    """``settings`` with their blocks as dataclasses (blocks already typed are kept)."""
+    """``settings`` (plain, as in config.yaml or JSON) with their blocks as dataclasses."""
     out = dict(settings)
     where = f"datasets.{settings['dataset']}"
     for name, kind in BLOCKS.items():

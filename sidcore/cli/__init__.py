@@ -15,7 +15,7 @@ import os
 import sys
 
 from sidcore.cli import artifacts, report, stages, tools
-from sidcore.errors import UserError
+from sidcore.errors import UserError, debugging, message
 
 GROUPS = (stages, artifacts, report, tools)
 RESUMABLE = ("distill", "evaluate")  # commands that take a stop signal as a request to save and exit
@@ -61,10 +61,9 @@ def run(argv: list[str]) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError) as e:  # a missing input file is the user's to provide
-        if args.debug or os.environ.get("SIDCORE_DEBUG"):
+        if args.debug or debugging():
             raise
-        message = e.args[0] if e.args else str(e)
-        print(f"sidcore {args.subcommand}: error: {message}", file=sys.stderr)
+        print(f"sidcore {args.subcommand}: error: {message(e)}", file=sys.stderr)
         return USER_ERROR_EXIT
 
 

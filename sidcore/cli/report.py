@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sidcore.methods import METHODS
+
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
@@ -83,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "plot", help="plot in-training FID against images seen",
         description="Plot in-training FID against images seen (log-log), one curve per run, with the teacher "
                     "and the paper's final FIDs as horizontal lines (PNG, PDF).")
-    _runs(p, "a distillation run: method (sid, sida, sid2a), α and its log.jsonl (repeatable)")
+    _runs(p, f"a distillation run: method ({', '.join(METHODS)}), α and its log.jsonl (repeatable)")
     p.add_argument("--table", required=True,
                    help="the dataset's table (config.yaml `table`): where the paper's lines come from")
     p.add_argument("--size", default="", help="EDM2 model size (xs ... xxl), for the EDM2 table")
