@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from sidcore import checkpoint, stopping, training_state
+from sidcore import checkpoint, engine, stopping, training_state
 from sidcore.augment import AugmentPipe
 from sidcore.dataset import ShuffledOrder, read_image_zip
 from sidcore.distributed import Context, barrier, to_device
@@ -91,14 +91,15 @@ class Distiller:
         half = torch.bfloat16 if d.bf16 else torch.float16
         for net in (self.true_score, self.fake_score, self.G, self.G_ema):
             net.half_dtype = half
+            engine.prepare(net, d.engine)
         # EDM2's forced weight normalisation, once per optimiser step (SiDA may switch it off).
         self.force_normalization = network.get("arch") == "edm2" and (
             d.force_normalization or not settings["adversarial"])
         self.fake_score_ddp, self.G_ddp = self.parallel(self.fake_score), self.parallel(self.G)
 
         eps = adam_eps(d.fp16)
-        self.opt_psi = torch.optim.Adam(self.fake_score.parameters(), lr=d.lr, betas=(0.0, 0.999), eps=eps)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=d.glr, betas=(d.g_beta1, 0.999), eps=eps)
+        self.opt_psi = engine.adam(self.fake_score.parameters(), d.engine, lr=d.lr, betas=(0.0, 0.999), eps=eps)
+        self.opt_G = engine.adam(self.G.parameters(), d.engine, lr=d.glr, betas=(d.g_beta1, 0.999), eps=eps)
         self.loss = SiDLoss(alpha=settings["alpha"], tmax=d.tmax, P_mean=d.P_mean, P_std=d.P_std,
                             logvar=logvar, augment=AugmentPipe(d.augment) if d.augment > 0 else None)
         self.batch_gpu = self.batch_total // self.rounds

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sidcore.engine import set_precision_flags
+
 
 @dataclass(frozen=True)
 class Context:
@@ -46,6 +48,7 @@ def init_from_env() -> Context:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        set_precision_flags(device)
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():

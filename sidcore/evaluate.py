@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sidcore import checkpoint, metrics, stopping
+from sidcore import checkpoint, engine, metrics, stopping
 from sidcore.dataset import ImageDataset, read_image_zip
 from sidcore.distributed import Context, any_rank, gather_to_main, single_process
 from sidcore.download import sha256_file
@@ -196,7 +196,7 @@ def evaluate_runs(settings: dict, model: str, kind: str, data: str, refs: str, d
     evaluator.stoppable = True
     snap = checkpoint.load_snapshot(model)
     net, _ = checkpoint.load_network(model, snap)
-    net.to(ctx.device).eval().requires_grad_(False)
+    engine.prepare(net.to(ctx.device).eval().requires_grad_(False), ev.engine)
     if kind == "generator":
         sample, nfe = generator_sampler(net, checkpoint.init_sigma(snap, model)), 1
     else:

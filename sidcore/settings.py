@@ -23,6 +23,17 @@ STUDIES = ("main", "ablation")  # a dataset's configured runs, and its α ablati
 
 
 @dataclasses.dataclass(frozen=True)
+class Engine:
+    """How a stage executes its networks (``sidcore.engine``): levers that change rounding only, all off by
+    default (the official computation, operation for operation)."""
+
+    compile: bool = False  # torch.compile every network (Inductor kernels; random ops drawn as in eager mode)
+    channels_last: bool = False  # convolution weights and activations in NHWC layout
+    fused_attention: bool = False  # PyTorch's scaled_dot_product_attention for the explicit softmax attention
+    fused_adam: bool = False  # Adam's fused multi-tensor update (distillation)
+
+
+@dataclasses.dataclass(frozen=True)
 class Distill:
     """``datasets.<d>.distill`` with the method's and the study's overrides (config.yaml documents each)."""
 
@@ -58,6 +69,7 @@ class Distill:
     bf16: bool = False  # bfloat16 activations instead of float16 (with fp16)
     force_normalization: bool = True  # EDM2's forced weight normalisation (SiDA may switch it off)
     return_logvar: bool = False  # EDM2: the losses use the teacher's log-variance head
+    engine: Engine = Engine()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +83,7 @@ class Evaluation:
     std_ddof: int
     fd_dinov2_detector: str
     released: bool
+    engine: Engine = Engine()  # of the networks that generate (fused_adam has no use here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +101,7 @@ class TeacherTraining:
 
 Block = TypeVar("Block")
 BLOCKS = {"distill": Distill, "evaluation": Evaluation}
+NESTED = {"engine": Engine}  # blocks within blocks
 
 
 def block(kind: type[Block], values: dict, key: str) -> Block:
@@ -100,7 +114,9 @@ def block(kind: type[Block], values: dict, key: str) -> Block:
                 if f.default is dataclasses.MISSING and f.name not in values]
     if required:
         raise UserError(f"{key}.{required[0]}: required")
-    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    nested = {f.name: NESTED[f.name] for f in dataclasses.fields(kind) if f.name in NESTED and f.name in values}
+    return kind(**{k: block(nested[k], v, f"{key}.{k}") if k in nested else tuple(v) if isinstance(v, list) else v
+                   for k, v in values.items()})
 
 
 def typed(settings: dict) -> dict:

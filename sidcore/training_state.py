@@ -43,8 +43,11 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def training_settings(settings: dict) -> dict:
-    """The settings a resumed run must share with the run that wrote the state (as stored: through JSON)."""
-    return json.loads(json.dumps(plain({k: settings[k] for k in SETTINGS}), sort_keys=True))
+    """The settings a resumed run must share with the run that wrote the state (as stored: through JSON). How
+    the networks execute (``distill.engine``) is not one: a run may resume with other levers."""
+    kept = plain({k: settings[k] for k in SETTINGS})
+    kept["distill"].pop("engine", None)
+    return json.loads(json.dumps(kept, sort_keys=True))
 
 
 def changes(old: object, new: object, key: str = "") -> list[str]:

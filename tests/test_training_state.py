@@ -10,6 +10,7 @@ from test_distill import NETWORK, fake_fid, make_toy, settings
 from sidcore import checkpoint, training_state
 from sidcore.distill import Distiller
 from sidcore.errors import UserError
+from sidcore.settings import Engine
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,12 @@ def test_resume_with_changed_settings_names_each_change(files, finished):
     assert str(e.value) == (f"{finished / 'training-state.pt'}: the run was started with different settings: "
                             "alpha 1.2 -> 1.0, distill.glr 0.0001 -> 0.0003; "
                             "delete the run directory to start over (or restore the settings)")
+
+
+def test_a_run_resumes_with_other_execution_levers(files, finished):
+    levers = settings("sid", engine=Engine(channels_last=True, fused_attention=True, fused_adam=True))
+    dist = Distiller(levers, files / "teacher.pt", files / "data.zip", finished)
+    assert dist.cur_nimg == levers["distill"].duration_kimg * 1000  # resumed, at the end
 
 
 def test_resume_with_another_number_of_processes_is_refused(finished):

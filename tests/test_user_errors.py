@@ -145,7 +145,7 @@ CASES = [
                                             "--out", str(f / "p.png"), "--pdf", str(f / "p.pdf")],
      "--run dmd 1.0 "),
     ("unknown benchmark layout", lambda f: ["benchmark", "--layouts", "imagenet"],
-     "benchmark --layouts: unknown imagenet (known: tiny, cifar10)"),
+     "benchmark --layouts: unknown imagenet (known: tiny, cifar10, imagenet64, edm2-xs)"),
     ("launch without a command", lambda f: ["launch", "--executor", "local", "--name", "x", "--logdir", str(f / "l")],
      "launch: give the sidcore command to run after `--`"),
     ("unknown artifact key", lambda f: ["download", "teacher/edm-cifar10-32x32-uncond", "--out", str(f / "t.pkl")],

@@ -10,10 +10,13 @@ from pathlib import Path
 def benchmark(args: argparse.Namespace) -> int:
     from sidcore import benchmark as bench
     if args.only:
-        layout, method = args.only.split(":")
-        print(json.dumps(bench.measure(layout, method, args.repeats)), flush=True)
+        layout, method, engine = args.only.split(":")
+        row = (bench.measure_evaluation(layout, engine, args.repeats) if method == "evaluation"
+               else bench.measure(layout, method, engine, args.repeats, args.profile))
+        print(json.dumps(row), flush=True)
     else:
-        bench.run(args.layouts or list(bench.LAYOUTS), args.repeats, args.out, log=lambda m: print(m, flush=True))
+        bench.run(args.layouts, args.methods, args.engines, args.repeats, args.out, args.evaluation, args.profiles,
+                  log=lambda m: print(m, flush=True))
     return 0
 
 
@@ -28,11 +31,21 @@ def launch(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from sidcore.launch import EXECUTORS, JobSpec
 
-    p = subparsers.add_parser("benchmark", help="time one distillation iteration and its required network passes")
-    p.add_argument("--layouts", nargs="+", help="layouts to measure (sidcore.benchmark.LAYOUTS; default: all)")
+    p = subparsers.add_parser("benchmark", help="time a distillation iteration, its required network passes and "
+                              "evaluation, eager and with each execution lever")
+    p.add_argument("--layouts", nargs="+", default=["tiny", "cifar10", "imagenet64", "edm2-xs"],
+                   help="layouts to measure (sidcore/benchmark.py LAYOUTS; default: all)")
+    p.add_argument("--methods", nargs="+", default=["sid", "sida"], help="(default: sid sida)")
+    p.add_argument("--engines", nargs="+", default=["eager", "compile", "channels_last", "fused_attention",
+                                                    "fused_adam", "all"],
+                   help="eager, one lever of config.yaml's `engine`, or all of them (default: each)")
+    p.add_argument("--evaluation", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure evaluation throughput (default: yes)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median; after a warm-up)")
     p.add_argument("--out", help="also write the rows as JSON")
-    p.add_argument("--only", help=argparse.SUPPRESS)  # layout:method, one configuration in this process
+    p.add_argument("--profiles", help="folder for a profile of one iteration of each configuration")
+    p.add_argument("--only", help=argparse.SUPPRESS)  # layout:method|evaluation:engine, measured in this process
+    p.add_argument("--profile", help=argparse.SUPPRESS)  # its profile's file
     p.set_defaults(func=benchmark)
 
     p = subparsers.add_parser("launch", help="run a compute command as a (SLURM or local) submitit job")

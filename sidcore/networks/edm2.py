@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn.functional import conv2d, conv_transpose2d, silu
 
+from sidcore.networks.layers import fused_attention
 from sidcore.networks.precond import Output, Precond, edm_coefficients
 from sidcore.networks.songunet import check_return_flag, discriminator_logits
 
@@ -109,6 +110,8 @@ class Block(torch.nn.Module):
     """Residual block: optional resampling, two 3×3 convolutions modulated by the embedding,
     optional self-attention, activation clipping. ``'enc'`` blocks pixel-normalise their input."""
 
+    fused_attention = False  # set by sidcore.engine
+
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, flavor: str = "enc",
                  resample_mode: str = "keep", resample_filter: Sequence[int] = (1, 1), attention: bool = False,
                  channels_per_head: int = 64, dropout: float = 0, res_balance: float = 0.3,
@@ -151,8 +154,11 @@ class Block(torch.nn.Module):
         if self.num_heads:
             y = self.attn_qkv(x).reshape(x.shape[0], self.num_heads, -1, 3, x.shape[2] * x.shape[3])
             q, k, v = normalize(y, dim=2).unbind(3)
-            w = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
-            y = torch.einsum("nhqk,nhck->nhcq", w, v)
+            if self.fused_attention:
+                y = fused_attention(q, k, v)
+            else:
+                w = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
+                y = torch.einsum("nhqk,nhck->nhcq", w, v)
             x = mp_sum(x, self.attn_proj(y.reshape(*x.shape)), t=self.attn_balance)
 
         if self.clip_act is not None:

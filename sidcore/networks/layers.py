@@ -100,8 +100,20 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return w.softmax(dim=2).to(q.dtype)
 
 
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(qᵀk/√c)·v with channels first ([..., c, L] each, result [..., c, L]) by PyTorch's
+    ``scaled_dot_product_attention``: the same sums in another order, without the L×L weights in memory
+    where a fused kernel exists (``sidcore.engine``'s ``fused_attention``). The result is contiguous, as the
+    explicit path's, so the layout of what follows (and so which element each dropout draw lands on) is kept."""
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
+                                                           v.transpose(-1, -2))
+    return out.transpose(-1, -2).contiguous()
+
+
 class UNetBlock(torch.nn.Module):
     """Residual block of EDM's U-Nets: GN → SiLU → conv, noise-embedding modulation, optional self-attention."""
+
+    fused_attention = False  # set by sidcore.engine
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False, down: bool = False,
                  attention: bool = False, num_heads: int | None = None, channels_per_head: int = 64,
@@ -146,8 +158,10 @@ class UNetBlock(torch.nn.Module):
             # qkv channels are ordered (head, channel, {q,k,v}).
             q, k, v = self.qkv(self.norm2(x)).reshape(
                 x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
-            w = attention_weights(q, k)
-            a = torch.einsum("nqk,nck->ncq", w, v)
+            if self.fused_attention:
+                a = fused_attention(q, k, v)
+            else:
+                a = torch.einsum("nqk,nck->ncq", attention_weights(q, k), v)
             x = self.proj(a.reshape(*x.shape)).add_(x).mul_(self.skip_scale)
         return x
 

@@ -26,6 +26,7 @@ class Precond(torch.nn.Module):
     """
 
     half_dtype = torch.float16
+    memory_format = torch.contiguous_format  # of the network's input (sidcore.engine: channels_last)
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False) -> None:
         super().__init__()
@@ -55,7 +56,8 @@ class Precond(torch.nn.Module):
         dtype = self.half_dtype if self.use_fp16 and x.device.type == "cuda" else torch.float32
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        out = self.network((c_in * x).to(dtype), c_noise.flatten(), class_labels, augment_labels, return_flag)
+        x_in = (c_in * x).to(dtype).contiguous(memory_format=self.memory_format)
+        out = self.network(x_in, c_noise.flatten(), class_labels, augment_labels, return_flag)
         if return_flag == "encoder":
             return out.to(torch.float32)
         F_x, logits = (out, None) if return_flag == "decoder" else out
