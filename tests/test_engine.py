@@ -121,6 +121,44 @@ def test_a_lever_changes_an_iteration_by_rounding_only(inputs, tmp_path, layout,
         assert relative(fast["grads"][name], eager["grads"][name]) <= TOLERANCE, name
 
 
+NETWORKS = {  # the other architectures' attention and convolution paths, at toy width
+    "adm": dict(arch="adm", img_resolution=16, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2],
+                num_blocks=1, attn_resolutions=[16, 8], dropout=0.0),
+    "edm2": dict(arch="edm2", img_resolution=8, img_channels=4, label_dim=10, model_channels=32, channel_mult=[1, 2],
+                 num_blocks=1, attn_resolutions=[8, 4], dropout=0.0, use_fp16=False),
+}
+
+
+@pytest.mark.parametrize("arch", list(NETWORKS))
+@pytest.mark.parametrize("lever", ["channels_last", "fused_attention"])
+def test_a_lever_changes_adm_and_edm2_by_rounding_only(arch, lever):
+    """D(x; σ) and its gradients to x and to the weights, in every return mode, with the lever and without."""
+    kw = NETWORKS[arch]
+    torch.manual_seed(0)
+    eager = build_network(**kw)
+    with torch.no_grad():  # no zero-initialised layer: every path (attention included) reaches the output
+        for p in eager.parameters():
+            p.copy_(torch.randn_like(p) * (p.std() if p.numel() > 1 and p.std() > 0 else 0.1))
+    fast = engine.prepare(build_network(**kw), Engine(**{lever: True}))
+    fast.load_state_dict(eager.state_dict())
+    x = torch.randn(3, kw["img_channels"], kw["img_resolution"], kw["img_resolution"])
+    sigma = torch.tensor([0.5, 2.0, 20.0])
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 3, 9]), 10).float()
+    for flag in ("decoder", "encoder_decoder", "encoder"):
+        results = []
+        for net in (eager, fast):
+            net.zero_grad(set_to_none=True)
+            x_in = x.clone().requires_grad_(True)
+            out = net(x_in, sigma, labels, return_flag=flag)
+            out = out if isinstance(out, tuple) else (out,)
+            sum(o.square().sum() for o in out).backward()
+            results.append([*(o.detach() for o in out), x_in.grad] + [p.grad for p in net.parameters()
+                                                                         if p.grad is not None])
+        assert len(results[0]) == len(results[1])
+        for a, b in zip(results[1], results[0]):
+            assert relative([a], [b]) <= TOLERANCE, flag
+
+
 def test_each_lever_reaches_the_networks(inputs, tmp_path):
     s = settings("cifar10-narrow", "sida", "all")  # compile is lazy: building the Distiller compiles nothing
     dist = Distiller(s, inputs["cifar10-narrow"] / "teacher.pt", inputs["cifar10-narrow"] / "data.zip", tmp_path)

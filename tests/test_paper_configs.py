@@ -23,9 +23,12 @@ WIDTH = {"adm": 64, "edm2": 32}  # the narrowest each architecture's attention h
 
 
 def reduced(settings: dict) -> dict:
-    """``settings`` with a narrow network (one block per level) and a batch of 2 on one process."""
+    """``settings`` with a narrow network (one block per level) and a batch of 2 on one process, and the
+    configured execution levers but compilation (minutes per run on a CPU; tests/test_engine.py covers it)."""
     net = {**settings["network"], "model_channels": WIDTH.get(settings["network"]["arch"], 16), "num_blocks": 1}
-    return {**settings, "network": net, "distill": replace(settings["distill"], batch=2, batch_gpu=2)}
+    d = settings["distill"]
+    return {**settings, "network": net,
+            "distill": replace(d, batch=2, batch_gpu=2, engine=replace(d.engine, compile=False))}
 
 
 def write_data(path: Path, settings: dict) -> None:
