@@ -22,3 +22,10 @@ def job(name: str, method: str | None = None, alpha: float | None = None, *, dis
     if evaluation:
         s["evaluation"] = replace(s["evaluation"], **evaluation)
     return {**s, **changes}
+
+
+def without_compile(settings: dict) -> dict:
+    """``settings`` with their configured execution levers but compilation (minutes per run on a CPU;
+    tests/test_engine.py covers it)."""
+    d = settings["distill"]
+    return {**settings, "distill": replace(d, engine=replace(d.engine, compile=False))}

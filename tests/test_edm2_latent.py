@@ -1,11 +1,10 @@
 """EDM2 in latent space on CPU: a tiny random SD-style VAE, a tiny EDM2 teacher, SiD and SiDA iterations."""
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from configured import job
+from configured import job, without_compile
 from PIL import Image
 
 from sidcore import checkpoint, evaluate, latent
@@ -27,11 +26,9 @@ def settings(method: str) -> dict:
                stage_kimg=[0.008, 0.016], duration_kimg=0.032, tick_kimg=0.008, snap_ticks=2, eval_early_ticks=[0],
                eval_first_tick=0, dump_ticks=2, keep_snapshots=2, eval_images=8, seed=5, return_logvar=True)
     network = {k: v for k, v in TEACHER.items() if k not in ("img_resolution", "img_channels", "label_dim", "logvar")}
-    s = job("edm2-xs", method, 1.0, distill=toy, network=network, init=None, dataset="toy-edm2", resolution=8,
-            label_dim=10, latent={"vae": "vae/tiny", "resolution": PIXELS})
-    # EDM2-XS's execution levers but compilation (minutes on a CPU; tests/test_engine.py covers it)
-    s["distill"] = replace(s["distill"], engine=replace(s["distill"].engine, compile=False))
-    return s
+    return without_compile(job("edm2-xs", method, 1.0, distill=toy, network=network, init=None,
+                               dataset="toy-edm2", resolution=8, label_dim=10,
+                               latent={"vae": "vae/tiny", "resolution": PIXELS}))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from torch import nn
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
 from sidcore import metrics
+from sidcore.benchmark import random_detector
 from sidcore.detectors import digits, dinov2, nvidia_inception
 
 
@@ -173,18 +174,10 @@ def test_real_digits_metrics(detector_checkpoint, real_digits):
     assert metrics.frechet_distance(metrics.reference_from_batches(noise.split(256), detector), reference) > 1
 
 
-def test_inception_detector_takes_grayscale(tmp_path, monkeypatch):
+def test_inception_detector_takes_grayscale(tmp_path):
     # Randomly initialised Inception weights stand in for the real file (the feature names and the
     # grayscale handling are what is checked here, not the values).
-    from torch_fidelity import feature_extractor_inceptionv3 as inception
-
-    cls = inception.FeatureExtractorInceptionV3
-    with monkeypatch.context() as m:
-        m.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
-        m.setattr(cls, "load_state_dict", lambda self, state_dict: None)
-        weights = tmp_path / "inception.pth"
-        torch.save(cls("inception-v3-compat", ["2048"]).state_dict(), weights)
-    detector = metrics.create_detector("inception-v3-compat", weights, "cpu")
+    detector = random_detector("inception-v3-compat", tmp_path, torch.device("cpu"))
     out = metrics.extract(detector, torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8))
     stats = metrics.fid_statistics(out["fid"])
     assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)

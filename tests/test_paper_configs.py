@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from configured import without_compile
 
 from sidcore import checkpoint, config, preflight, strict_yaml
 from sidcore.dataset import write_image_zip, write_latent_zip
@@ -24,11 +25,10 @@ WIDTH = {"adm": 64, "edm2": 32}  # the narrowest each architecture's attention h
 
 def reduced(settings: dict) -> dict:
     """``settings`` with a narrow network (one block per level) and a batch of 2 on one process, and the
-    configured execution levers but compilation (minutes per run on a CPU; tests/test_engine.py covers it)."""
+    configured execution levers but compilation."""
     net = {**settings["network"], "model_channels": WIDTH.get(settings["network"]["arch"], 16), "num_blocks": 1}
-    d = settings["distill"]
-    return {**settings, "network": net,
-            "distill": replace(d, batch=2, batch_gpu=2, engine=replace(d.engine, compile=False))}
+    small = without_compile(settings)
+    return {**small, "network": net, "distill": replace(small["distill"], batch=2, batch_gpu=2)}
 
 
 def write_data(path: Path, settings: dict) -> None:
