@@ -31,5 +31,5 @@ test-fast: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 clean-demo:
-	rm -rf results/tiny results/tables/tiny.* results/plots/tiny.* results/figures/tiny-* resources/*/tiny* \
+	rm -rf results/tiny results/tables/tiny.* results/plots/tiny.* results/plans/tiny.* results/figures/tiny-* resources/*/tiny* \
 		resources/*/trained resources/data/digits.zip logs benchmarks

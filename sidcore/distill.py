@@ -6,18 +6,19 @@ adversarial term once its third stage starts); (3) EMA of the generator. Each st
 micro-batches per process; with several processes DDP averages the gradients, synchronising only on the
 last micro-batch. Losses are sums over pixels divided by the per-process batch, as the official code.
 
-Every ``tick_kimg`` images the loop writes a record to the progress log (``sidcore.progress_log``), evaluates
-G_ema when due (``sidcore.model_selection``: snapshots, sample grids, the published ``generator.pt`` and
-``log.jsonl``) and saves the training state when due (``sidcore.training_state``). Restarting on the same
-directory resumes from the last training state, bit-identically, with the same ticks. A stop signal
-(``sidcore.stopping``) makes the loop finish its iteration, save the state and return False (the command exits
-with ``REQUEUE_EXIT``).
+Every ``tick_kimg`` images the loop writes a record to the progress log (``sidcore.progress_log``; also to
+TensorBoard where asked, ``sidcore.tensorboard``), evaluates G_ema when due (``sidcore.model_selection``:
+snapshots, sample grids, the published ``generator.pt`` and ``log.jsonl``) and saves the training state when due
+(``sidcore.training_state``). Restarting on the same directory resumes from the last training state,
+bit-identically, with the same ticks. A stop signal (``sidcore.stopping``) makes the loop finish its iteration,
+save the state and return False (the command exits with ``REQUEUE_EXIT``).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from sidcore.progress_log import add, append, device_name, format_record, peak_m
 from sidcore.randomness import SampleNoise, micro_batch_positions
 from sidcore.sampling import one_step
 from sidcore.settings import Distill, generator_settings
+from sidcore.tensorboard import Board
 
 
 def adam_eps(fp16: bool) -> float:
@@ -228,14 +230,23 @@ class Distiller:
         return stage
 
     # ------------------------------------------------------------------------------------------
-    def run(self, evaluate: EvaluateFn, log: Callable[[str], None] = print) -> bool:
-        """Distil until ``duration_kimg``; returns False if a stop signal ended the run early (state saved)."""
+    def run(self, evaluate: EvaluateFn, log: Callable[[str], None] = print, tensorboard: bool = False) -> bool:
+        """Distil until ``duration_kimg``; returns False if a stop signal ended the run early (state saved).
+        ``tensorboard``: rank 0 also writes the records and sample grids as TensorBoard events."""
         d, ctx = self.d, self.ctx
         total_nimg = int(d.duration_kimg * 1000)
         say = log if ctx.is_main else (lambda message: None)
         say(f"distilling {self.settings['dataset']} {self.settings['method']} alpha={self.settings['alpha']} "
             f"from {self.cur_nimg / 1000:.1f} to {total_nimg / 1000:.1f} kimg on {self.device} "
             f"(batch {d.batch} = {ctx.world_size} processes x {self.rounds} rounds x {self.batch_gpu})")
+        with Board(self.outdir, self.cur_nimg, ctx.is_main and tensorboard) as board:
+            return self.ticks(total_nimg, evaluate, say, board)
+
+    def ticks(self, total_nimg: int, evaluate: EvaluateFn, say: Callable[[str], None],
+              board: Board) -> bool:
+        """``run``'s loop: iterations and, at the end of each tick, its record (progress log, ``board``), the
+        evaluation and the training state when due."""
+        d, ctx = self.d, self.ctx
         run_pace = Progress(total_nimg, "kimg", scale=1000, done=self.cur_nimg)  # of this session, for the ETA
         tick_pace = Progress(None, "kimg", scale=1000, done=self.cur_nimg)
         stats: dict = {}
@@ -252,9 +263,12 @@ class Distiller:
                           "processes": ctx.world_size, "batch_gpu": self.batch_gpu, **summarize(stats, iterations)}
                 stats, iterations = {}, 0
                 if self.selection.due(tick, done):
-                    record.update(self.selection.evaluate(self.G_ema, self.cur_nimg, evaluate))
+                    start = time.monotonic()
+                    record.update(self.selection.evaluate(self.G_ema, self.cur_nimg, evaluate, board))
+                    record["eval_sec"] = time.monotonic() - start  # apart from sec_per_kimg, as Table 8's
                 if ctx.is_main:
                     append(self.outdir, record)
+                    board.record(record, self.cur_nimg)
                 say(format_record(record, self.selection.best_fid))
                 self.cur_tick, self.tick_start_nimg = tick + 1, self.cur_nimg
                 if done or (tick != 0 and tick % d.dump_ticks == 0):

@@ -29,7 +29,7 @@ from sidcore.download import sha256_file
 from sidcore.errors import UserError
 from sidcore.latent import StabilityVAE, load_vae
 from sidcore.progress import Progress
-from sidcore.sampling import LabelSampler, heun, noise, one_step, to_pixels
+from sidcore.sampling import LabelSampler, heun, heun_nfe, noise, one_step, to_pixels
 from sidcore.settings import BLOCK_STRIDE, num_blocks
 
 INCEPTION_METRICS = ("fid", "is", "precision", "recall")
@@ -201,7 +201,7 @@ def evaluate_runs(settings: dict, model: str, kind: str, data: str, refs: str, d
         sample, nfe = generator_sampler(net, checkpoint.init_sigma(snap, model)), 1
     else:
         num_steps = settings["teacher_eval"]["num_steps"]
-        sample, nfe = teacher_sampler(net, num_steps), 2 * num_steps - 1
+        sample, nfe = teacher_sampler(net, num_steps), heun_nfe(num_steps)
     detectors = {name: detector.get_name() for name, detector in evaluator.detectors.items()}
     common = {"dataset": settings["dataset"], "size": settings["size"],
               "method": "teacher" if kind == "teacher" else settings["method"],

@@ -21,8 +21,9 @@ Log = Callable[[str], None]
 
 
 def distill(settings: dict, *, teacher: str, data: str, refs: str, detector_weights: str, outdir: str,
-            init: str | None = None, vae: str | None = None, log: Log = print) -> int:
-    """Distil (or resume distilling) into ``outdir`` until the configured duration."""
+            init: str | None = None, vae: str | None = None, tensorboard: bool = False, log: Log = print) -> int:
+    """Distil (or resume distilling) into ``outdir`` until the configured duration (``tensorboard``: also write
+    event files)."""
     from sidcore.distill import Distiller
     from sidcore.evaluate import TRAINING_METRICS, Evaluator, generator_sampler
     from sidcore.preflight import check_evaluation
@@ -43,7 +44,7 @@ def distill(settings: dict, *, teacher: str, data: str, refs: str, detector_weig
         def evaluate(G_ema: torch.nn.Module) -> dict:
             return evaluator(generator_sampler(G_ema, d.init_sigma), d.eval_images, batch, run=-1)
 
-        return 0 if distiller.run(evaluate, log=log) else REQUEUE_EXIT
+        return 0 if distiller.run(evaluate, log=log, tensorboard=tensorboard) else REQUEUE_EXIT
     finally:
         shutdown(ctx)
 

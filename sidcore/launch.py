@@ -30,6 +30,9 @@ from sidcore import REQUEUE_EXIT, stopping
 from sidcore.errors import UserError
 
 EXECUTORS = ("local", "slurm")
+# Seconds between looks at a job's state: a local job's processes are cheap to ask about (and a short job's end
+# shows at once); SLURM's controller is asked no more often than every 5 s.
+POLL_S = {"local": 0.5, "slurm": 5.0}
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
                     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")  # the ones Snakemake sets
 LOCAL_TIME_LIMIT_MIN = 60 * 24 * 365  # a cluster's time limit does not apply to local processes
@@ -163,9 +166,9 @@ def _child_setup() -> None:
 class Launcher:
     """Submit one job, follow it to the end, and cancel it if the launcher is interrupted."""
 
-    def __init__(self, spec: JobSpec, argv: list[str], folder: Path, poll_s: float = 5.0,
-                 lost_after_s: float = 120.0) -> None:
-        self.spec, self.argv, self.folder, self.poll_s = spec, argv, Path(folder), poll_s
+    def __init__(self, spec: JobSpec, argv: list[str], folder: Path, lost_after_s: float = 120.0) -> None:
+        self.spec, self.argv, self.folder = spec, argv, Path(folder)
+        self.poll_s = POLL_S[spec.executor]
         self.lost_after_s = lost_after_s
         self.job: submitit.Job | None = None
 

@@ -1,6 +1,7 @@
 """Model selection during distillation, as the official loops: G_ema evaluated at scheduled ticks, its snapshots
 (``snapshot-<images seen>.pt`` of the last evaluations, ``best-snapshot.pt``), sample grids
-(``fakes-<kimg>.png``), and the run's declared outputs: ``generator.pt`` (the best-FID G_ema) and ``log.jsonl``.
+(``fakes-<kimg>.png``, also in TensorBoard where configured), and the run's declared outputs: ``generator.pt``
+(the best-FID G_ema) and ``log.jsonl``.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -17,8 +19,15 @@ from sidcore.distributed import Context, broadcast
 from sidcore.latent import StabilityVAE
 from sidcore.sampling import image_grid, one_step, to_pixels
 from sidcore.settings import sampling
+from sidcore.tensorboard import Board
 
 EvaluateFn = Callable[[torch.nn.Module], dict]  # G_ema -> {"fid": …, …} on rank 0
+
+
+def evaluation_due(tick: int, done: bool, snap_ticks: int, early_ticks: list[int], first_tick: int) -> bool:
+    """Whether tick ``tick`` evaluates G_ema: at ``early_ticks`` and every ``snap_ticks`` ticks, none before
+    ``first_tick`` (EDM2: 20), and always at the end (``done``)."""
+    return done or ((tick % snap_ticks == 0 or tick in early_ticks) and tick >= first_tick)
 
 
 class ModelSelection:
@@ -32,21 +41,20 @@ class ModelSelection:
         self.best_fid, self.best_kimg = float("inf"), None
 
     def due(self, tick: int, done: bool) -> bool:
-        """At the ticks of ``eval_early_ticks`` and every ``snap_ticks`` ticks, none before ``eval_first_tick``
-        (EDM2: 20), and always at the end."""
         d = self.d
-        scheduled = tick % d.snap_ticks == 0 or tick in d.eval_early_ticks
-        return done or (scheduled and tick >= d.eval_first_tick)
+        return evaluation_due(tick, done, d.snap_ticks, d.eval_early_ticks, d.eval_first_tick)
 
-    def evaluate(self, G_ema: torch.nn.Module, nimg: int, evaluate: EvaluateFn) -> dict:
+    def evaluate(self, G_ema: torch.nn.Module, nimg: int, evaluate: EvaluateFn, board: Board | None = None) -> dict:
         """Metrics of G_ema at ``nimg`` images seen (every rank generates, rank 0 computes and shares them);
-        its snapshot and sample grid."""
+        its snapshot and sample grid (also on ``board``)."""
         metrics = broadcast(self.ctx, evaluate(G_ema))
         fid, kimg = metrics["fid"], nimg / 1000
         if fid < self.best_fid:
             self.best_fid, self.best_kimg = fid, kimg
         if self.ctx.is_main:
-            self.save_grid(G_ema, nimg)
+            grid = self.save_grid(G_ema, nimg)
+            if board is not None:
+                board.grid(grid, nimg)
             snap = checkpoint.network_snapshot(G_ema, self.network, kimg=kimg, fid=fid, alpha=self.settings["alpha"],
                                                method=self.settings["method"], **sampling(self.settings))
             checkpoint.save_atomic(snap, self.outdir / f"snapshot-{nimg:012d}.pt")
@@ -57,13 +65,15 @@ class ModelSelection:
         return metrics
 
     @torch.no_grad()
-    def save_grid(self, G_ema: torch.nn.Module, nimg: int) -> None:
+    def save_grid(self, G_ema: torch.nn.Module, nimg: int) -> np.ndarray:
+        """``fakes-<kimg>.png``: G_ema's samples of the fixed latents and labels, 8 × 8; returns the grid (HWC)."""
         device = self.ctx.device
         x = one_step(G_ema, self.grid_z.to(device), self.grid_labels.to(device), self.d.init_sigma)
         grid = image_grid(to_pixels(x, self.vae), rows=8)
         img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
         with atomic_path(self.outdir / f"fakes-{nimg // 1000:06d}.png") as tmp:
             img.save(tmp)
+        return grid
 
     def publish(self) -> None:
         """The declared outputs: the best-FID generator and the log."""

@@ -1,5 +1,5 @@
 """The progress log of a distillation run: ``progress.jsonl``, one record per tick (images seen, stage, pace,
-memory, mean losses, in-training metrics), and the line printed for each record."""
+memory, mean losses, in-training metrics and the seconds they took), and the line printed for each record."""
 from __future__ import annotations
 
 import json
@@ -54,6 +54,12 @@ def format_record(r: dict, best_fid: float) -> str:
 def append(run_dir: Path, record: dict) -> None:
     with open(run_dir / FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read(run_dir: str | Path) -> list[dict]:
+    """The records of ``run_dir``'s progress log (none before its first tick)."""
+    path = Path(run_dir) / FILE
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
 def truncate(run_dir: Path, ticks: int) -> None:

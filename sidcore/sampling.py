@@ -20,9 +20,14 @@ def karras_sigma(s: torch.Tensor, sigma_min: float = SIGMA_MIN, sigma_max: float
     return (sigma_max ** (1 / rho) + s * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
+def heun_nfe(num_steps: int) -> int:
+    """Network evaluations of ``heun`` with ``num_steps`` steps: two per step but the last."""
+    return 2 * num_steps - 1
+
+
 def heun(net, z: torch.Tensor, labels: torch.Tensor, num_steps: int = 18, sigma_min: float = SIGMA_MIN,
          sigma_max: float = SIGMA_MAX, rho: float = RHO) -> torch.Tensor:
-    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Alg. 1); 2·num_steps − 1 evaluations."""
+    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Alg. 1); ``heun_nfe`` evaluations."""
     i = torch.arange(num_steps, dtype=torch.float64, device=z.device)
     t = karras_sigma(i / (num_steps - 1), sigma_min, sigma_max, rho)
     t = torch.cat([t, torch.zeros_like(t[:1])])

@@ -82,6 +82,18 @@ class Preempted(Exception):
     pass
 
 
+def dies_at_call(n: int, evaluate):
+    """``evaluate``, raising ``Preempted`` at its ``n``-th call instead: a run killed during that evaluation."""
+    calls = []
+
+    def wrapped(G):
+        calls.append(1)
+        if len(calls) == n:
+            raise Preempted
+        return evaluate(G)
+    return wrapped
+
+
 def test_interrupted_run_resumes_bit_identically(files, tmp_path):
     s = settings("sida")
     ref = tmp_path / "ref"
@@ -90,16 +102,8 @@ def test_interrupted_run_resumes_bit_identically(files, tmp_path):
 
     out = tmp_path / "resumed"
     out.mkdir()
-    calls = []
-
-    def dies_at_second_eval(G):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Preempted
-        return fake_fid(G)
-
     with pytest.raises(Preempted):
-        Distiller(s, files / "teacher.pt", files / "data.zip", out).run(dies_at_second_eval, log=lambda m: None)
+        Distiller(s, files / "teacher.pt", files / "data.zip", out).run(dies_at_call(2, fake_fid), log=lambda m: None)
     assert (out / "training-state.pt").exists() and not (out / "generator.pt").exists()
     Distiller(s, files / "teacher.pt", files / "data.zip", out).run(fake_fid, log=lambda m: None)
 
@@ -140,7 +144,7 @@ def log_records(run_dir):
 
 def timeless(run_dir):
     """The log's records without what depends on the clock and the process (pace, peak memory)."""
-    return [{k: v for k, v in r.items() if k not in ("sec_per_kimg", "eta_sec", "peak_mem_mb")}
+    return [{k: v for k, v in r.items() if k not in ("sec_per_kimg", "eta_sec", "peak_mem_mb", "eval_sec")}
             for r in log_records(run_dir)]
 
 

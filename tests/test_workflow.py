@@ -185,6 +185,17 @@ def test_tiny_dag(workdir):
     assert not counts["distill_ablation"]  # the ablation is a target of its own
 
 
+def test_cpu_rules_get_their_jobs_cores(workdir):
+    """Snakemake sets OMP_NUM_THREADS to a rule's threads: a CPU rule's are its job's cpus_per_task."""
+    r = subprocess.run([*SNAKEMAKE, "-n", "-c8", "resources/teachers/trained/tiny.pt"], cwd=workdir,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cores = yaml.safe_load((ROOT / "config.yaml").read_text())["datasets"]["tiny"]["cluster"]["jobs"]["cpu"]
+    blocks = (r.stdout + r.stderr).split("rule ")
+    teacher = next(b for b in blocks if b.startswith("train_teacher:"))
+    assert f"threads: {cores['cpus_per_task']}" in teacher
+
+
 @pytest.mark.parametrize("target, jobs", [
     # 5 α of SiDA and SiD²A; SiD²A starts from the SiD α = 1.2 run; the teacher is downloaded and converted.
     ("results/plots/alpha-ablation-cifar10-uncond.png",
@@ -330,11 +341,10 @@ def test_default_profile_runs_gpu_stages_as_local_processes(tmp_path):
     assert r.returncode == 0, out[-3000:]
     assert "Using workflow specific profile profiles/default" in out
     assert "sidcore launch --executor local" in out and "--executor slurm" not in out
-    # Locally a GPU stage takes the cores of all its threads: 2 processes × 1 (distill), 1 process × 2 (evaluate)
+    # Locally a GPU stage takes the cores of all its threads: 2 processes × 1 (distill), 1 process × 1 (evaluate)
     blocks = out.split("\n\n")
-    for rule in ("distill", "evaluate_teacher"):
-        block = next(b for b in blocks if f"rule {rule}:" in b)
-        assert "threads: 2" in block, block
+    distill, evaluate = (next(b for b in blocks if f"rule {rule}:" in b) for rule in ("distill", "evaluate_teacher"))
+    assert "threads: 2" in distill and "threads:" not in evaluate, evaluate  # Snakemake prints threads above 1
 
 
 def test_new_alpha_adds_only_its_jobs(workdir):

@@ -1,4 +1,4 @@
-"""Commands that report: summarize, tabulate, plot, ablation, cost, figure, claims. Every output is a flag."""
+"""Commands that report: summarize, tabulate, plot, ablation, cost, plan, figure, claims. Every output is a flag."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,14 @@ def ablation(args: argparse.Namespace) -> int:
 def cost(args: argparse.Namespace) -> int:
     from sidcore.report.cost import write
     write(args.run, args.out, args.markdown, log=_log)
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    from sidcore.report.bill import write
+    from sidcore.settings import loads
+    jobs, networks = loads(args.jobs, "--jobs")["jobs"], loads(args.networks, "--networks")
+    write(args.table, jobs, networks, args.csv, args.markdown, log=_log)
     return 0
 
 
@@ -113,6 +121,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a distillation: dataset, its table, method, α, log.jsonl and benchmark file")
     _outputs(p, "--out", "CSV", "--markdown", "Markdown")
     p.set_defaults(func=cost)
+
+    p = subparsers.add_parser(
+        "plan", help="the bill of a table before it runs: hours and GPU-hours of each job not yet done",
+        description="Estimate, for every GPU job of a table whose outputs are missing, its hours and GPU-hours "
+                    "(sidcore/report/bill.py: network FLOPs over a throughput from the job's own progress log, the "
+                    "dataset's logs or Table 8 of the SiDA paper), and the total (CSV, Markdown).")
+    p.add_argument("--table", required=True, help="the table the jobs belong to")
+    p.add_argument("--jobs", required=True, help='JSON object {"jobs": [...]} (built by the workflow)')
+    p.add_argument("--networks", required=True, help="JSON object: each table's network settings")
+    _outputs(p, "--csv", "CSV", "--markdown", "Markdown")
+    p.set_defaults(func=plan)
 
     p = subparsers.add_parser(
         "figure", help="sample grid of a generator (and its teacher)",

@@ -29,8 +29,13 @@ def train_teacher(args: argparse.Namespace) -> int:
 def distill(args: argparse.Namespace) -> int:
     from sidcore.jobs import distill as run
     from sidcore.settings import from_json
-    return run(from_json(args.settings), teacher=args.teacher, data=args.data, refs=args.refs,
-               detector_weights=args.detector_weights, outdir=args.outdir, init=args.init, vae=args.vae, log=_log)
+    from sidcore.tensorboard import require
+    settings = from_json(args.settings)
+    if args.tensorboard:
+        require()  # the optional package, before any work
+    return run(settings, teacher=args.teacher, data=args.data, refs=args.refs,
+               detector_weights=args.detector_weights, outdir=args.outdir, init=args.init, vae=args.vae,
+               tensorboard=args.tensorboard, log=_log)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -66,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for flag in ("--teacher", "--data", "--refs", "--detector-weights", "--outdir"):
         p.add_argument(flag, required=True)
     p.add_argument("--init", help="SiD²A: generator snapshot to start from")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files (rank 0)")
     add_model_inputs(p)
 
     p = subparsers.add_parser("ddp-check", help="all-reduce across the job's processes (checks a launch set-up)")

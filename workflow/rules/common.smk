@@ -20,9 +20,9 @@ import os
 import sys
 
 from sidcore.registry import artifacts
-from sidcore import preflight
+from sidcore import plan, preflight, tensorboard
 from sidcore.errors import UserError
-from sidcore.methods import METHODS, alpha_text
+from sidcore.methods import METHOD_NAMES, METHODS, alpha_text
 from sidcore.tables import TABLES, table as report_table
 from sidcore.settings import (
     STUDIES,
@@ -53,7 +53,9 @@ wildcard_constraints:
 
 def check_config() -> None:
     """Checks the schema cannot express, and every check a distillation or evaluation job would make of its
-    settings (sidcore.preflight, the code the jobs run). Each error names the config key."""
+    settings (sidcore.preflight and sidcore.tensorboard, the code the jobs run). Each error names the config key."""
+    if tensorboard.enabled(config):
+        tensorboard.require()
     preflight.check_config(config)
     for t in config["tables"]:
         if t not in known_tables():
@@ -175,6 +177,13 @@ def gpu_resources(stage, single=False, study="main"):
     }
 
 
+def logging_flags(w) -> str:
+    """The distill command's `--tensorboard` where config.yaml's logging.tensorboard asks for event files. A
+    resource, not a param: switching it changes what a run records, not what it computes, and reruns no
+    finished distillation (a run under way records from its next start)."""
+    return "--tensorboard" if tensorboard.enabled(config) else ""
+
+
 def launch_flags() -> str:
     """The launcher's flags common to every GPU stage (see `sidcore launch --help`)."""
     c = config["cluster"]
@@ -197,21 +206,28 @@ def launch_threads(stage, single=False):
     return threads
 
 
+def cpu_job(w) -> dict:
+    """A CPU rule's job: `cluster.jobs.cpu`, with the overrides of the dataset it belongs to."""
+    if "dataset" in w.keys() or "data" in w.keys():
+        return cluster_job(config, job_dataset(w), "cpu")
+    return {**config["cluster"]["jobs"]["cpu"], "partition": config["cluster"]["cpu_partition"]}
+
+
+def cpu_threads(w) -> int:
+    """A CPU rule's threads: its job's cpus_per_task. Snakemake sets OMP_NUM_THREADS (and the like) to a rule's
+    threads, 1 unless given; here it caps them at --cores."""
+    return cpu_job(w)["cpus_per_task"]
+
+
 def cpu_resources():
     """SLURM resources of the CPU rules (Snakemake's executor submits them under the slurm profile);
     a dataset's `cluster.jobs.cpu` applies to the rules of that dataset."""
-
-    def job(w):
-        if "dataset" in w.keys() or "data" in w.keys():
-            return cluster_job(config, job_dataset(w), "cpu")
-        return {**config["cluster"]["jobs"]["cpu"], "partition": config["cluster"]["cpu_partition"]}
-
     c = config["cluster"]
     out = {
-        "cpus_per_task": lambda w: job(w)["cpus_per_task"],
-        "mem_mb": lambda w: int(job(w)["mem_gb"] * 1024),
-        "runtime": lambda w: job(w)["time_min"],
-        "slurm_partition": lambda w: job(w)["partition"],
+        "cpus_per_task": cpu_threads,
+        "mem_mb": lambda w: int(cpu_job(w)["mem_gb"] * 1024),
+        "runtime": lambda w: cpu_job(w)["time_min"],
+        "slurm_partition": lambda w: cpu_job(w)["partition"],
     }
     if c["account"]:
         out["slurm_account"] = c["account"]

@@ -13,13 +13,14 @@ rule distill:
         "logs/distill/{dataset}-{method}-alpha{alpha}.log",
     benchmark:
         "benchmarks/distill/{dataset}-{method}-alpha{alpha}.tsv"
-    priority: 10  # start distillations before evaluations that could wait
+    priority: 10  # the critical path (teacher, SiD, SiD²A): before any evaluation, which can wait
     localrule: True
     conda:
         SOFTWARE_ENV
     threads: launch_threads("distill")
     resources:
         **gpu_resources("distill"),
+        logging=logging_flags,
     params:
         settings=lambda w: settings(w.dataset, w.method, w.alpha),
         outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
@@ -28,7 +29,7 @@ rule distill:
     shell:
         "{resources.launch} -- distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.init}"
-        " {params.extra}"
+        " {params.extra} {resources.logging}"
         " > {log} 2>&1"
 
 
@@ -46,6 +47,7 @@ use rule distill as distill_ablation with:
     localrule: True
     resources:
         **gpu_resources("distill", study="ablation"),
+        logging=logging_flags,
     params:
         settings=lambda w: settings(w.dataset, w.method, w.alpha, study="ablation"),
         outdir=lambda w: run_dir(w.dataset, w.method, w.alpha, study="ablation"),

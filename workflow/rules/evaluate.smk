@@ -56,7 +56,6 @@ rule evaluate_teacher:
         "logs/evaluate/{dataset}-teacher.log",
     benchmark:
         "benchmarks/evaluate/{dataset}-teacher.tsv"
-    priority: 20  # a long job that only needs the teacher: start it first
     localrule: True
     conda:
         SOFTWARE_ENV

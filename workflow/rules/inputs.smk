@@ -253,3 +253,37 @@ def plot_report(path, kind, caption="plot.rst"):
         subcategory="{dataset}",
         labels={"dataset": "{dataset}", "file": kind},
     )
+
+
+def plan_jobs(w) -> list[dict]:
+    """Every GPU job table ``w.table`` needs, described for its bill (sidcore.plan)."""
+    check_target(w)
+    jobs, encoded = [], set()
+    for dataset in datasets_of_tables([w.table]):
+        d, s = DATASETS[dataset], resolve(config, dataset)
+        jobs_of = {stage: cluster_job(config, dataset, stage) for stage in ("distill", "evaluate", "encode")}
+        gpus = {stage: job["nodes"] * job["gpus_per_node"] for stage, job in jobs_of.items()}
+        data = f"resources/data/{data_name(dataset)}.zip"
+        if d["data"]["source"] == "vae-latents" and data not in encoded:
+            encoded.add(data)
+            jobs.append(plan.encode_job(s, gpus["encode"], data))
+        if "teacher_eval" in d:
+            runs_of = [f"results/{dataset}/teacher/eval/{r}" for r in RUNS]
+            jobs.append(plan.evaluation_job(s, gpus["evaluate"], "teacher", runs_of))
+        for m, a in runs(dataset):
+            out = run_dir(dataset, m, a)
+            jobs.append(plan.distill_job(resolve(config, dataset, m, a), gpus["distill"], out))
+            model = f"{METHOD_NAMES[m]} α={a}"
+            jobs.append(plan.evaluation_job(s, gpus["evaluate"], model, [f"{out}/eval/{r}" for r in RUNS]))
+        for m, a in released_runs(dataset):
+            runs_of = [f"results/{dataset}/released/{m}/alpha{a}/eval/{r}" for r in RUNS]
+            jobs.append(plan.evaluation_job(s, gpus["evaluate"], f"released {METHOD_NAMES[m]} α={a}", runs_of))
+    return jobs
+
+
+def plan_networks(w) -> str:
+    """The network of each table's first dataset (the throughputs of Table 8's columns are per network)."""
+    networks = {}
+    for dataset in DATASETS:
+        networks.setdefault(DATASETS[dataset]["table"], network_settings(resolve(config, dataset)))
+    return dumps(networks)

@@ -173,3 +173,25 @@ rule claims:
     shell:
         "sidcore claims --title {wildcards.dataset} {params.args} --out {output.csv} --markdown {output.md}"
         " --plot {output.png} > {log} 2>&1"
+
+
+# The bill before the run: every GPU job of a table not yet done, its GPUs, hours, GPU-hours (sidcore/report/bill.py).
+# Written again whenever a job of the table has progressed.
+rule plan:
+    output:
+        csv="results/plans/{table}.csv",
+        md="results/plans/{table}.md",
+    log:
+        "logs/plan/{table}.log",
+    benchmark:
+        "benchmarks/plan/{table}.tsv"
+    localrule: True
+    conda:
+        SOFTWARE_ENV
+    params:
+        jobs=lambda w: plan.dumps(plan_jobs(w)),
+        networks=plan_networks,
+        state=lambda w: plan.state(plan_jobs(w)),
+    shell:
+        "sidcore plan --table {wildcards.table} --jobs {params.jobs:q} --networks {params.networks:q}"
+        " --csv {output.csv} --markdown {output.md} > {log} 2>&1"

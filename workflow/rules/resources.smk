@@ -33,6 +33,7 @@ rule prepare_data:
         "benchmarks/prepare_data/{data}.tsv"
     conda:
         SOFTWARE_ENV
+    threads: cpu_threads
     resources:
         **cpu_resources(),
     params:
@@ -81,6 +82,7 @@ rule convert_teacher:
         "benchmarks/convert/teacher-{name}.tsv"
     conda:
         SOFTWARE_ENV
+    threads: cpu_threads
     resources:
         **cpu_resources(),
     params:
@@ -118,6 +120,7 @@ rule train_teacher:
         "benchmarks/train_teacher/{dataset}.tsv"
     conda:
         SOFTWARE_ENV
+    threads: cpu_threads
     resources:
         **cpu_resources(),
     params:
@@ -138,6 +141,7 @@ rule compute_reference:
         "benchmarks/compute_reference/{dataset}.tsv"
     conda:
         SOFTWARE_ENV
+    threads: cpu_threads
     resources:
         **cpu_resources(),
     params:
@@ -158,6 +162,7 @@ rule train_detector:
         "benchmarks/train_detector/{dataset}.tsv"
     conda:
         SOFTWARE_ENV
+    threads: cpu_threads
     resources:
         **cpu_resources(),
     params:

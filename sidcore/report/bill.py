@@ -1,0 +1,230 @@
+"""The bill of a table before it runs (``sidcore plan``): for every GPU job not yet done (``sidcore.plan``), its
+GPUs, estimated hours and GPU-hours, and the table's total.
+
+Model. Work is counted in FLOPs of the configured networks (``torch.utils.flop_counter`` on the meta device: no
+weights, no arithmetic) and divided by a throughput in FLOP/s per GPU, the best one known for the job:
+1. ``own log``: a distillation under way runs at the median s/kimg of its own progress log, and its in-training
+   evaluations take the seconds they took so far;
+2. ``<dataset> logs``: the throughput the dataset's other runs reached in their progress logs (on their device);
+3. ``Table 8``: the throughput of the job's column of the SiDA paper's Table 8 (its table and method);
+4. ``Table 8 H100, scaled``: the median throughput of Table 8's H100 columns (datasets it does not cover: EDM2).
+A distillation image costs ``ITERATION_PASSES`` forward passes of the network (SiD; SiDA and SiD²A that many
+times Table 8's median SiDA / SiD time ratio), plus the in-training evaluations its schedule has left
+(``eval_images`` each). An evaluation image costs NFE forward passes plus the detectors' and the VAE decoder's
+passes (``sidcore/data/flops.yaml``); an encoding image, the VAE encoder's. Time scales as 1 / GPUs and does
+not depend on the batch per GPU or the accumulation rounds.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from sidcore import progress_log
+from sidcore.errors import UserError
+from sidcore.evaluate import TRAINING_METRICS
+from sidcore.methods import ADVERSARIAL, METHOD_NAMES, alpha_text
+from sidcore.model_selection import evaluation_due
+from sidcore.networks import build_network
+from sidcore.prepare import list_images
+from sidcore.report import markdown
+from sidcore.report.cost import paper_costs, speed
+from sidcore.sampling import heun_nfe
+
+# Forward passes of the network per image of a SiD iteration: the ψ step runs G (1) and f_ψ with its backward
+# (3); the θ step runs G with its backward (3), and the teacher and f_ψ with a backward to their input (2 + 2).
+ITERATION_PASSES = 11
+REFERENCE_GPU = "H100"  # Table 8's GPU for the datasets it does not cover
+FLOPS_FILE = Path(__file__).resolve().parents[1] / "data" / "flops.yaml"
+
+
+@functools.cache
+def _forward_flops(network: str) -> float:
+    n = json.loads(network)
+    with torch.device("meta"):
+        net = build_network(**n)
+        x = torch.zeros(1, n["img_channels"], n["img_resolution"], n["img_resolution"])
+        labels = torch.zeros(1, n["label_dim"]) if n["label_dim"] else None
+        with FlopCounterMode(display=False) as counter:
+            net(x, torch.ones(1), labels)
+    return float(counter.get_total_flops())
+
+
+def forward_flops(network: dict) -> float:
+    """FLOPs of one forward pass of the network with constructor settings ``network``, per image."""
+    return _forward_flops(json.dumps(network, sort_keys=True))
+
+
+@functools.cache
+def reference_flops() -> dict:
+    with open(FLOPS_FILE) as f:
+        return yaml.safe_load(f)
+
+
+def evaluation_flops(job: dict, metrics: list[str]) -> float:
+    """FLOPs per evaluated image besides the generating network, for ``metrics``: the detector, DINOv2 (FD_DINOv2)
+    and the VAE decoder of a latent dataset."""
+    ref = reference_flops()
+    if job["detector"] not in ref["detectors"]:
+        raise UserError(f"datasets.{job['dataset']}.detector.name: {job['detector']!r} has no cost in {FLOPS_FILE}")
+    dinov2 = "fd_dinov2" in metrics
+    return (ref["detectors"][job["detector"]] + dinov2 * ref["dinov2"] + job["latent"] * ref["vae_decoder"]) * 1e9
+
+
+class Throughputs:
+    """FLOP/s per GPU: Table 8's columns (their networks given by ``networks``: table → network settings) and the
+    datasets' own progress logs."""
+
+    def __init__(self, networks: dict[str, dict], logs: dict[str, list[tuple[str, list[dict]]]]) -> None:
+        self.paper = paper_costs()
+        sid = {t: c for (t, m), c in self.paper.items() if m == "sid"}
+        ratios = [self.paper[(t, "sida")]["sec_per_kimg"] / c["sec_per_kimg"] for t, c in sid.items()
+                  if (t, "sida") in self.paper]
+        self.adversarial_factor = statistics.median(ratios)  # Table 8: SiDA's time per image over SiD's
+        self.columns = {key: (self._per_gpu(c, networks[t], ADVERSARIAL[m]), gpu_type(c["hardware"]))
+                        for key, c in self.paper.items() for t, m in [key] if t in networks}
+        reference = [rate for (t, m), (rate, gpu) in self.columns.items() if gpu == REFERENCE_GPU and m == "sid"]
+        if not reference:
+            raise UserError(f"no Table 8 {REFERENCE_GPU} column has a network in config.yaml (datasets of tables "
+                             f"{sorted({t for t, _ in self.paper})})")
+        self.reference = statistics.median(reference)
+        self.logs = logs  # dataset → [(method, tick records)]
+
+    def passes(self, method: str) -> float:
+        """Forward passes per image of a distillation iteration."""
+        return ITERATION_PASSES * (self.adversarial_factor if ADVERSARIAL[method] else 1.0)
+
+    def _per_gpu(self, column: dict, network: dict, adversarial: bool) -> float:
+        passes = ITERATION_PASSES * (self.adversarial_factor if adversarial else 1.0)
+        return passes * forward_flops(network) * 1e3 / (column["sec_per_kimg"] * column["gpus"])
+
+    def measured(self, network: dict, method: str, records: list[dict]) -> float:
+        """FLOP/s per GPU a run reached (its median s/kimg over the ticks after the first)."""
+        return self.passes(method) * forward_flops(network) * 1e3 / (speed(records) * records[-1]["processes"])
+
+    def best(self, job: dict, method: str) -> tuple[float, str, str]:
+        """(FLOP/s per GPU, device, basis) for ``job`` run as ``method`` (see the module's docstring)."""
+        logs = [(m, r) for m, r in self.logs.get(job["dataset"], []) if len(r) > 1]
+        if logs:
+            rates = [self.measured(job["network"], m, r) for m, r in logs]
+            return statistics.median(rates), logs[0][1][-1]["device"], f"{job['dataset']} logs"
+        column = self.columns.get((job["table"], "sida" if ADVERSARIAL.get(method) else "sid"))
+        if column:
+            return column[0], column[1], "Table 8"
+        return self.reference, REFERENCE_GPU, f"Table 8 {REFERENCE_GPU}, scaled"
+
+
+def gpu_type(hardware: str) -> str:
+    """``8×H100`` → ``H100``."""
+    return hardware.split("×")[-1]
+
+
+def evaluations_left(job: dict, next_tick: int) -> int:
+    """In-training evaluations of ticks ``next_tick`` … the last (tick 0 ends after one iteration, the others
+    every ``tick_kimg``; the last at ``duration_kimg``)."""
+    last = max(math.ceil((job["duration_kimg"] * 1000 - job["batch"]) / (job["tick_kimg"] * 1000)), 0)
+    return sum(evaluation_due(t, t == last, job["snap_ticks"], job["eval_early_ticks"], job["eval_first_tick"])
+               for t in range(next_tick, last + 1))
+
+
+def distill_row(job: dict, rates: Throughputs, records: list[dict]) -> dict:
+    F = forward_flops(job["network"])
+    in_training = [m for m in job["metrics"] if m in TRAINING_METRICS]
+    per_eval = job["eval_images"] * (F + evaluation_flops(job, in_training))
+    kimg_left = max(job["duration_kimg"] - (records[-1]["kimg"] if records else 0.0), 0.0)  # the last batch may overrun
+    evals = evaluations_left(job, records[-1]["tick"] + 1 if records else 0)
+    if len(records) > 1:
+        rate, device, basis = rates.measured(job["network"], job["method"], records), records[-1]["device"], "own log"
+    else:
+        rate, device, basis = rates.best(job, job["method"])
+    flops = kimg_left * 1e3 * rates.passes(job["method"]) * F
+    seconds = flops / (rate * job["gpus"])
+    timed = [r["eval_sec"] * r["processes"] / job["gpus"] for r in records if "eval_sec" in r]
+    seconds += evals * (statistics.mean(timed) if timed else per_eval / (rate * job["gpus"]))
+    left = f"{kimg_left:,.0f} of {job['duration_kimg']:,.0f} kimg, {evals} in-training FIDs"
+    name = f"distill {job['dataset']} {METHOD_NAMES[job['method']]} α={alpha_text(job['alpha'])}"
+    return _row(name, job["gpus"], device, basis, left, seconds)
+
+
+def evaluate_row(job: dict, rates: Throughputs) -> dict:
+    runs = sum(not Path(p).exists() for p in job["outputs"])
+    images = runs * job["num_images"]
+    nfe = heun_nfe(job["teacher_steps"]) if job["teacher_steps"] else 1
+    flops = images * (nfe * forward_flops(job["network"]) + evaluation_flops(job, job["metrics"]))
+    rate, device, basis = rates.best(job, "sid")
+    left = f"{runs} runs × {job['num_images']:,} images, {nfe} NFE"
+    return _row(f"evaluate {job['dataset']} {job['model']}", job["gpus"], device, basis, left,
+                flops / (rate * job["gpus"]))
+
+
+def encode_row(job: dict, rates: Throughputs) -> dict:
+    name = f"encode {job['dataset']} (SD VAE)"
+    try:
+        images = len(list_images(job["source"], labels=False)[0])
+    except (FileNotFoundError, ValueError) as e:
+        return _row(name, job["gpus"], "", "", f"unknown: {e}", math.nan)
+    rate, device, basis = rates.best(job, "sid")
+    flops = images * reference_flops()["vae_encoder"] * 1e9
+    return _row(name, job["gpus"], device, basis, f"{images:,} images", flops / (rate * job["gpus"]))
+
+
+def _row(job: str, gpus: int, device: str, basis: str, left: str, seconds: float) -> dict:
+    hours = seconds / 3600
+    return {"job": job, "GPUs": gpus, "device": device, "rate from": basis, "work left": left,
+            "hours": round(hours, 2), "GPU-hours": round(hours * gpus, 1)}
+
+
+def bill(jobs: list[dict], networks: dict[str, dict]) -> pd.DataFrame:
+    """One row per job not yet done, then the total."""
+    records = {job["run_dir"]: progress_log.read(job["run_dir"]) for job in jobs if job["stage"] == "distill"}
+    logs: dict[str, list] = {}
+    for job in jobs:
+        if job["stage"] == "distill" and len(records[job["run_dir"]]) > 1:
+            logs.setdefault(job["dataset"], []).append((job["method"], records[job["run_dir"]]))
+    rates = Throughputs(networks, logs)
+    rows = []
+    for job in jobs:
+        if all(Path(p).exists() for p in job["outputs"]):
+            continue
+        if job["stage"] == "distill":
+            rows.append(distill_row(job, rates, records[job["run_dir"]]))
+        elif job["stage"] == "evaluate":
+            rows.append(evaluate_row(job, rates))
+        else:
+            rows.append(encode_row(job, rates))
+    frame = pd.DataFrame(rows, columns=list(_row("", 0, "", "", "", 0.0)))
+    unknown = int(frame["hours"].isna().sum())
+    left = f"{len(rows)} jobs" + (f", {unknown} of unknown size not counted" if unknown else "")
+    total = {"job": "total", "GPUs": "", "device": "", "rate from": "", "work left": left,
+             "hours": round(frame["hours"].sum(), 2), "GPU-hours": round(frame["GPU-hours"].sum(), 1)}
+    frame = pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
+    return frame.astype(object).where(frame.notna(), "")  # a job of unknown size: blank hours
+
+
+NOTES = [
+    "Estimated before the jobs run (sidcore/report/bill.py): FLOPs of the configured networks (flop counter, meta "
+    "device) over a throughput in FLOP/s per GPU: a run's own progress log once it has one, else the "
+    "dataset's other runs' logs, else the job's column of the SiDA paper's Table 8, else the median of "
+    "Table 8's H100 columns. A distillation image is 11 forward passes (SiD; SiDA and SiD²A × Table 8's "
+    "SiDA / SiD ratio), plus the in-training FIDs left; an evaluation image NFE passes plus the detectors "
+    "and, for latents, the VAE decoder. Time scales as 1 / GPUs, independently of the batch per GPU.",
+    "Uncertainty: predicting each of Table 8's H100 columns from another by FLOPs is off by 7–11 %; datasets "
+    "Table 8 does not cover (EDM2) add the difference between architectures (expect ±30 %). Evaluations are "
+    "costed at the distillations' FLOP rate (on the tiny CPU runs that overestimates them 2–3×: a large "
+    "inference batch runs more efficiently than a training step). Not counted: queueing, start-up and "
+    "compilation, checkpoints, requeues after preemption, the CPU jobs.",
+]
+
+
+def write(table: str, jobs: list[dict], networks: dict[str, dict], csv: Path, md: Path, log=print) -> None:
+    frame = bill(jobs, networks)
+    markdown.save(frame, csv, md, f"Bill of {table}: the jobs not yet done", NOTES)
+    total = frame.iloc[-1]
+    log(f"{table}: {total['work left']} left, {total['hours']:,.1f} hours, {total['GPU-hours']:,.1f} GPU-hours")
