@@ -88,8 +88,8 @@ class Throughputs:
         ratios = [self.paper[(t, "sida")]["sec_per_kimg"] / c["sec_per_kimg"] for t, c in sid.items()
                   if (t, "sida") in self.paper]
         self.adversarial_factor = statistics.median(ratios)  # Table 8: SiDA's time per image over SiD's
-        self.columns = {key: (self._per_gpu(c, networks[t], ADVERSARIAL[m]), gpu_type(c["hardware"]))
-                        for key, c in self.paper.items() for t, m in [key] if t in networks}
+        self.columns = {(t, m): (self.per_gpu(networks[t], m, c["sec_per_kimg"], c["gpus"]), gpu_type(c["hardware"]))
+                        for (t, m), c in self.paper.items() if t in networks}
         reference = [rate for (t, m), (rate, gpu) in self.columns.items() if gpu == REFERENCE_GPU and m == "sid"]
         if not reference:
             raise UserError(f"no Table 8 {REFERENCE_GPU} column has a network in config.yaml (datasets of tables "
@@ -101,17 +101,17 @@ class Throughputs:
         """Forward passes per image of a distillation iteration."""
         return ITERATION_PASSES * (self.adversarial_factor if ADVERSARIAL[method] else 1.0)
 
-    def _per_gpu(self, column: dict, network: dict, adversarial: bool) -> float:
-        passes = ITERATION_PASSES * (self.adversarial_factor if adversarial else 1.0)
-        return passes * forward_flops(network) * 1e3 / (column["sec_per_kimg"] * column["gpus"])
+    def per_gpu(self, network: dict, method: str, sec_per_kimg: float, gpus: int) -> float:
+        """FLOP/s per GPU of a distillation of ``network`` by ``method`` at ``sec_per_kimg`` on ``gpus`` GPUs."""
+        return self.passes(method) * forward_flops(network) * 1e3 / (sec_per_kimg * gpus)
 
     def measured(self, network: dict, method: str, records: list[dict]) -> float:
         """FLOP/s per GPU a run reached (its median s/kimg over the ticks after the first)."""
-        return self.passes(method) * forward_flops(network) * 1e3 / (speed(records) * records[-1]["processes"])
+        return self.per_gpu(network, method, speed(records), records[-1]["processes"])
 
     def best(self, job: dict, method: str) -> tuple[float, str, str]:
         """(FLOP/s per GPU, device, basis) for ``job`` run as ``method`` (see the module's docstring)."""
-        logs = [(m, r) for m, r in self.logs.get(job["dataset"], []) if len(r) > 1]
+        logs = self.logs.get(job["dataset"], [])  # runs with ticks past the first
         if logs:
             rates = [self.measured(job["network"], m, r) for m, r in logs]
             return statistics.median(rates), logs[0][1][-1]["device"], f"{job['dataset']} logs"

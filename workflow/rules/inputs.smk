@@ -258,11 +258,19 @@ def plot_report(path, kind, caption="plot.rst"):
 def plan_jobs(w) -> list[dict]:
     """Every GPU job table ``w.table`` needs, described for its bill (sidcore.plan)."""
     check_target(w)
+    return table_jobs(w.table)
+
+
+@functools.cache  # read by two params of the plan job
+def table_jobs(table) -> list[dict]:
     jobs, encoded = [], set()
-    for dataset in datasets_of_tables([w.table]):
+    for dataset in datasets_of_tables([table]):
         d, s = DATASETS[dataset], resolve(config, dataset)
-        jobs_of = {stage: cluster_job(config, dataset, stage) for stage in ("distill", "evaluate", "encode")}
-        gpus = {stage: job["nodes"] * job["gpus_per_node"] for stage, job in jobs_of.items()}
+        gpus = {
+            stage: job["nodes"] * job["gpus_per_node"]
+            for stage in ("distill", "evaluate", "encode")
+            for job in [cluster_job(config, dataset, stage)]
+        }
         data = f"resources/data/{data_name(dataset)}.zip"
         if d["data"]["source"] == "vae-latents" and data not in encoded:
             encoded.add(data)
