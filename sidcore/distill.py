@@ -85,8 +85,8 @@ class Distiller:
         # The fake score starts as the teacher; it keeps the log-variance head only if the losses use it.
         self.fake_score = self.copy_weights(teacher, network if logvar else self.network)
         if init_path is not None:  # SiD²A: the generator starts from a distilled SiD generator
-            self.G, _ = checkpoint.load_network(init_path, **overrides)
-            self.G.to(self.device)
+            G, _ = checkpoint.load_network(init_path, **overrides)
+            self.G = G.to(self.device).eval().requires_grad_(False)  # train mode only inside its own step
         else:
             self.G = self.copy_weights(teacher, self.network)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)

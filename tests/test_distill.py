@@ -229,3 +229,84 @@ def test_in_training_evaluation_cadence_as_the_official_loops(files, tmp_path, f
     published = checkpoint.load(tmp_path / "generator.pt")["meta"]
     assert published["fid"] == min(r["fid"] for r in records if "fid" in r)
     assert published["kimg"] * 1000 >= (first_tick > 0) * 4 * 32  # never the tick-0 generator when it is skipped
+
+
+def sid_start(files, root):
+    """A one-step generator snapshot made from the toy teacher's weights: a SiD²A run's starting generator."""
+    snap = checkpoint.load(files / "teacher.pt")
+    snap["meta"] = {"init_sigma": 2.5}
+    checkpoint.save_atomic(snap, root / "sid.pt")
+    return root / "sid.pt"
+
+
+class ModeRecorder:
+    """Each network's mode (train or eval, gradients on or off) at every forward call, by the step running it.
+
+    Also checks, at every call of G with gradients off (the fake-score step's samples), that its output equals
+    that of a copy of G in eval mode: the samples the fake score (and D) learn from are G's deterministic ones."""
+
+    NETS = ("G", "G_ema", "true_score", "fake_score")
+
+    def __init__(self, dist: Distiller) -> None:
+        self.calls, self.step, self.mismatches = [], "outside", 0
+        for name in self.NETS:
+            getattr(dist, name).register_forward_hook(self.hook(name))
+        for step in ("fake_score_step", "generator_step"):
+            setattr(dist, step, self.within(step, getattr(dist, step)))
+        self.dist = dist
+
+    def hook(self, name: str):
+        def record(net, args, output):
+            grads = any(p.requires_grad for p in net.parameters())
+            self.calls.append((self.step, self.dist.stage(), name, net.training, grads))
+            if name == "G" and not torch.is_grad_enabled():
+                frozen = copy.deepcopy(net).eval()
+                frozen._forward_hooks.clear()
+                with torch.no_grad():
+                    self.mismatches += not torch.equal(frozen(*args), output)
+        return record
+
+    def within(self, step: str, method):
+        def wrapped(*args, **kwargs):
+            assert self.modes_outside_steps_are_eval(), f"a network left in train mode before {step}"
+            self.step = step
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.step = "outside"
+        return wrapped
+
+    def modes_outside_steps_are_eval(self) -> bool:
+        return all(not getattr(self.dist, n).training and not any(p.requires_grad for p in
+                   getattr(self.dist, n).parameters()) for n in self.NETS)
+
+    def check_official_order(self, stages: set[int]) -> None:
+        """G trains only inside its own step, the fake score only inside its own; the teacher and G_ema never;
+        the fake-score steps seen ran in ``stages``."""
+        assert self.calls and self.mismatches == 0
+        for step, stage, name, training, grads in self.calls:
+            trains = (name, step) in {("G", "generator_step"), ("fake_score", "fake_score_step")}
+            assert (training, grads) == (trains, trains), (step, stage, name, training, grads)
+        assert self.modes_outside_steps_are_eval()
+        assert {stage for step, stage, *_ in self.calls if step == "fake_score_step"} == stages
+
+
+def test_a_sid2a_start_samples_in_eval_mode_and_every_network_keeps_the_official_modes(files, tmp_path):
+    """With dropout, a SiD²A generator loaded from a snapshot (fresh and resumed) gives the fake score and D its
+    eval-mode samples: G is in train mode, with gradients, only inside its own step, as in the official loop."""
+    s = settings("sid2a", dropout=0.5)
+    init = sid_start(files, tmp_path)
+    fresh = Distiller(s, files / "teacher.pt", files / "data.zip", tmp_path / "fresh", init_path=init)
+    recorder = ModeRecorder(fresh)
+    fresh.run(fake_fid, log=lambda m: None)
+    recorder.check_official_order({1, 2, 3})
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Preempted):
+        Distiller(s, files / "teacher.pt", files / "data.zip", out, init_path=init).run(
+            dies_at_call(2, fake_fid), log=lambda m: None)
+    resumed = Distiller(s, files / "teacher.pt", files / "data.zip", out, init_path=init)
+    assert resumed.cur_nimg == 48 and resumed.stage() == 2  # resumed before its first G step of this process
+    recorder = ModeRecorder(resumed)
+    resumed.run(fake_fid, log=lambda m: None)
+    recorder.check_official_order({2, 3})
