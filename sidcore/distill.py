@@ -28,8 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 from sidcore import checkpoint, engine, stopping, training_state
 from sidcore.augment import AugmentPipe
 from sidcore.dataset import ShuffledOrder, read_image_zip
-from sidcore.distributed import Context, barrier, to_device
+from sidcore.distributed import Context, barrier, broadcast, to_device
 from sidcore.ema import ema_beta, update_ema
+from sidcore.instruments import gradient_probe
 from sidcore.latent import load_vae
 from sidcore.losses import SiDLoss
 from sidcore.model_selection import EvaluateFn, ModelSelection
@@ -113,6 +114,7 @@ class Distiller:
 
         self.cur_nimg = 0  # images seen
         self.cur_tick, self.tick_start_nimg = 0, 0  # the tick under way (its record not written yet), its start
+        self.probes: dict[str, float] = {}  # the tick's gradient probe (``generator_step``)
         self.resume()
 
     def copy_weights(self, source: torch.nn.Module, network: dict) -> torch.nn.Module:
@@ -174,12 +176,12 @@ class Distiller:
                 x_g = one_step(self.G, z, labels, d.init_sigma)
             with self.accumulate(self.fake_score_ddp, r):
                 if self.settings["adversarial"]:
-                    loss_psi, loss_D, keep = self.loss.fake_score_discriminator(self.fake_score_ddp, x_g, x_real,
-                                                                                labels, noise)
+                    loss_psi, loss_D, keep, readout = self.loss.fake_score_discriminator(
+                        self.fake_score_ddp, x_g, x_real, labels, noise)
                     S_psi = loss_psi.sum() * (d.loss_scaling / B)
                     S_D = loss_D.sum() * (d.loss_scaling_D / B)
                     (S_psi + S_D).backward()
-                    add(stats, loss_D=S_D)
+                    add(stats, loss_D=S_D, **{k: v / self.rounds for k, v in readout.items()})
                 else:
                     loss_psi, keep = self.loss.fake_score(self.fake_score_ddp, x_g, labels, noise)
                     S_psi = loss_psi.sum() * (d.loss_scaling / B)
@@ -190,7 +192,9 @@ class Distiller:
         self.opt_psi.step()
         self.opt_psi.zero_grad(set_to_none=True)
 
-    def generator_step(self, stage: int, stats: dict) -> None:
+    def generator_step(self, stage: int, stats: dict, probe: bool = False) -> None:
+        """G's step; with ``probe`` (stage 3), its first micro-batch also measures the adversarial gradient
+        against SiD's (``sidcore.instruments.gradient_probe``) into ``self.probes``."""
         d, B = self.d, self.batch_total
         chw = self.shape[0] * self.shape[1] * self.shape[2]
         self.G.train().requires_grad_(True)
@@ -207,6 +211,8 @@ class Distiller:
                     S_sid.backward()
                 else:
                     S_gan = loss_gan.sum() * chw * (d.loss_scaling_G_gan / B)  # eq. (8): b on every pixel
+                    if probe and r == 0:
+                        self.probes = gradient_probe(S_sid, S_gan, self.G.parameters())
                     (0.5 * S_sid + 0.5 * S_gan).backward()
                     add(stats, loss_G_gan=S_gan)
             add(stats, loss_G=S_sid, skipped=(~keep).sum())
@@ -224,7 +230,7 @@ class Distiller:
         stage = self.stage()
         self.fake_score_step(stats)
         if stage >= 2:  # stage 1 keeps G frozen (the official computes, then discards, its update)
-            self.generator_step(stage, stats)
+            self.generator_step(stage, stats, probe=stage == 3 and not self.probes)  # one probe per tick
         self.update_ema()
         self.cur_nimg += self.d.batch
         return stage
@@ -260,11 +266,15 @@ class Distiller:
                 record = {"kimg": self.cur_nimg / 1000, "tick": tick, "stage": self.stage(self.cur_nimg - d.batch),
                           "sec_per_kimg": tick_pace.seconds_per_unit(), "eta_sec": run_pace.eta(),
                           "peak_mem_mb": peak_memory_mb(self.device), "device": device_name(self.device),
-                          "processes": ctx.world_size, "batch_gpu": self.batch_gpu, **summarize(stats, iterations)}
-                stats, iterations = {}, 0
+                          "processes": ctx.world_size, "batch_gpu": self.batch_gpu, **summarize(stats, iterations),
+                          **self.probes}
+                stats, iterations, self.probes = {}, 0, {}
                 if self.selection.due(tick, done):
                     start = time.monotonic()
                     record.update(self.selection.evaluate(self.G_ema, self.cur_nimg, evaluate, board))
+                    if d.eval_raw_generator:  # the raw G on the same seeds, beside G_ema
+                        raw = broadcast(ctx, evaluate(self.G))
+                        record.update({f"{k}_raw": v for k, v in raw.items()})
                     record["eval_sec"] = time.monotonic() - start  # apart from sec_per_kimg, as Table 8's
                 if ctx.is_main:
                     append(self.outdir, record)

@@ -13,6 +13,7 @@ import torch
 from torch.nn.functional import softplus
 
 from sidcore.augment import AugmentPipe
+from sidcore.instruments import discriminator_readout
 from sidcore.randomness import Noise
 from sidcore.sampling import karras_sigma
 
@@ -121,12 +122,12 @@ class SiDLoss:
         return per_sample(loss, keep), keep
 
     def fake_score_discriminator(self, fake_score, x_g: torch.Tensor, x_real: torch.Tensor, labels: torch.Tensor,
-                                 noise: Noise) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 noise: Noise) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Eqs. (9)–(10): the fake-score loss and the discriminator loss from the fake score's encoder.
 
         Real and fake branches share σ, the noise tensor and the labels; each is augmented with draws of its
         own where configured; the real branch runs the encoder only. Returns (L_ψ per sample, L_D per
-        sample, keep).
+        sample, keep, D's λ-free readout: ``sidcore.instruments.discriminator_readout``).
         """
         sigma = sigma_lognormal(noise.randn("sigma", (1, 1, 1)), self.P_mean, self.P_std)
         n = sigma * noise.randn("eps", x_g.shape[1:])
@@ -138,7 +139,7 @@ class SiDLoss:
         weight = edm_weight(sigma, self.sigma_data) / u.exp()
         loss_psi = per_sample(weight * (f_psi - y) ** 2 + u, keep)
         loss_D = per_sample(weight * discriminator_bce(logit_real, logit_fake), keep)
-        return loss_psi, loss_D, keep
+        return loss_psi, loss_D, keep, discriminator_readout(logit_real, logit_fake, keep)
 
     def generator(self, true_score, fake_score, x_g: torch.Tensor, labels: torch.Tensor, noise: Noise,
                   adversarial: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

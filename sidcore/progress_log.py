@@ -46,8 +46,14 @@ def format_record(r: dict, best_fid: float) -> str:
     parts += [f"{k} {v:.4g}" for k, v in r.items() if k.startswith("loss")]
     if r.get("nan_skipped"):
         parts.append(f"nan-skipped {r['nan_skipped']}")
+    if "D_acc_real" in r:
+        parts.append(f"D acc real/fake {r['D_acc_real']:.2f}/{r['D_acc_fake']:.2f}")
+    if "G_grad_ratio" in r:
+        parts.append(f"|grad gan|/|grad sid| {r['G_grad_ratio']:.3g} cos {r['G_grad_cos']:+.2f}")
     if "fid" in r:
         parts.append(f"FID {r['fid']:.4g} (best {min(best_fid, r['fid']):.4g})")
+    if "fid_raw" in r:
+        parts.append(f"raw-G FID {r['fid_raw']:.4g}")
     return "  ".join(parts)
 
 

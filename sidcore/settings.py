@@ -69,6 +69,7 @@ class Distill:
     bf16: bool = False  # bfloat16 activations instead of float16 (with fp16)
     force_normalization: bool = True  # EDM2's forced weight normalisation (SiDA may switch it off)
     return_logvar: bool = False  # EDM2: the losses use the teacher's log-variance head
+    eval_raw_generator: bool = False  # in-training metrics of the raw G too, beside G_ema's (log keys *_raw)
     engine: Engine = Engine()
 
 

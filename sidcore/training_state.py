@@ -22,6 +22,7 @@ from sidcore.settings import plain
 STATE_FILE = "training-state.pt"
 FORMAT = "sidcore-training-state"
 SETTINGS = ("dataset", "method", "alpha", "init", "network", "distill", "resolution", "channels", "label_dim")
+RECORDING_ONLY = ("engine", "eval_raw_generator")  # distill settings that leave the computed weights as they are
 UNSET = object()
 
 
@@ -44,9 +45,11 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def training_settings(settings: dict) -> dict:
     """The settings a resumed run must share with the run that wrote the state (as stored: through JSON). How
-    the networks execute (``distill.engine``) is not one: a run may resume with other levers."""
+    the networks execute and what is measured besides are not among them: a run may resume with other
+    ``RECORDING_ONLY`` settings."""
     kept = plain({k: settings[k] for k in SETTINGS})
-    kept["distill"].pop("engine", None)
+    for key in RECORDING_ONLY:
+        kept["distill"].pop(key, None)
     return json.loads(json.dumps(kept, sort_keys=True))
 
 

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.nn.functional import softplus
 
 from sidcore import losses
 from sidcore.augment import AugmentPipe
@@ -184,8 +185,8 @@ def test_fake_score_and_discriminator_share_noise_and_sigma():
     fake_score = Recorder(0.5)
     x_g, x_real = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     torch.manual_seed(1)
-    loss_psi, loss_D, _ = losses.SiDLoss(alpha=1.0).fake_score_discriminator(fake_score, x_g, x_real,
-                                                                             torch.zeros(2, 0), TorchNoise(2))
+    loss_psi, loss_D, _, readout = losses.SiDLoss(alpha=1.0).fake_score_discriminator(fake_score, x_g, x_real,
+                                                                                      torch.zeros(2, 0), TorchNoise(2))
     assert [flag for _, flag in fake_score.seen] == ["encoder_decoder", "encoder"]
     assert not any(req for req, _ in fake_score.seen)  # x_g carries no gradient on this step
     # By hand with the same draws: L_ψ = Σ λ(σ)(0.5(x_g+n) − x_g)², L_D = λ(σ)·BCE(real, fake).
@@ -197,6 +198,13 @@ def test_fake_score_and_discriminator_share_noise_and_sigma():
     bce = losses.discriminator_bce((x_real + n)[:, :, ::2, ::2], (x_g + n)[:, :, ::2, ::2])
     assert torch.allclose(loss_psi, expected_psi, rtol=1e-5)
     assert torch.allclose(loss_D, (lam * bce).flatten(), rtol=1e-5)
+    # D's λ-free readout: BCE and accuracy of each branch over the logit map, and the mean logits.
+    logit_real, logit_fake = (x_real + n)[:, :, ::2, ::2], (x_g + n)[:, :, ::2, ::2]
+    by_hand = {"D_bce_real": softplus(-logit_real).mean(), "D_bce_fake": softplus(logit_fake).mean(),
+               "D_acc_real": (logit_real > 0).float().mean(), "D_acc_fake": (logit_fake < 0).float().mean(),
+               "D_logit_real": logit_real.mean(), "D_logit_fake": logit_fake.mean()}
+    assert readout.keys() == by_hand.keys()
+    assert all(torch.allclose(readout[k], v, rtol=1e-5) for k, v in by_hand.items())
 
 
 def test_ema_beta_matches_reference_values():
@@ -258,7 +266,7 @@ def test_augmentation_where_the_official_losses_apply_it():
     assert torch.allclose(loss_psi, (lam * (0.5 * (y + n) - y) ** 2).flatten(1).sum(1), rtol=1e-5)
 
     fake = LabelRecorder(0.5)
-    loss_psi_d, _, _ = loss.fake_score_discriminator(fake, x_g, x_real, labels, noise)
+    loss_psi_d, *_ = loss.fake_score_discriminator(fake, x_g, x_real, labels, noise)
     (fake_in, fake_a), (real_in, real_a) = fake.calls
     assert torch.equal(fake_in, y + n) and torch.equal(fake_a, a)
     assert torch.equal(real_in, y_real + n) and torch.equal(real_a, a_real)

@@ -1,4 +1,5 @@
-"""Commands that report: summarize, tabulate, plot, ablation, cost, plan, figure, claims. Every output is a flag."""
+"""Commands that report: summarize, tabulate, plot, dynamics, ablation, cost, plan, figure, claims. Every output is a
+flag."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,13 @@ def plot(args: argparse.Namespace) -> int:
     from sidcore.report.plot import parse_run, write
     write([parse_run(*values) for values in args.run], args.teacher_summary, args.table, args.size, args.title,
           args.out, args.pdf)
+    return 0
+
+
+def dynamics(args: argparse.Namespace) -> int:
+    from sidcore.report.dynamics import write
+    from sidcore.report.plot import parse_run
+    write([parse_run(*values) for values in args.run], args.title, args.out, args.pdf)
     return 0
 
 
@@ -102,6 +110,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--title", default="")
     _outputs(p, "--out", "PNG", "--pdf", "PDF")
     p.set_defaults(func=plot)
+
+    p = subparsers.add_parser(
+        "dynamics", help="plot the training dynamics: discriminator, generator gradients, FID of G_ema and raw G",
+        description="Plot what the distillation's instruments logged against images seen (sidcore.instruments): "
+                    "the discriminator's accuracy and λ-free cross-entropy on real and fake images, the generator's "
+                    "adversarial-to-SiD gradient ratio and cosine, and the in-training FID of G_ema and of the raw G "
+                    "(PNG, PDF).")
+    _runs(p, f"a distillation run: method ({', '.join(METHODS)}), α and its log.jsonl (repeatable)")
+    p.add_argument("--title", default="")
+    _outputs(p, "--out", "PNG", "--pdf", "PDF")
+    p.set_defaults(func=dynamics)
 
     p = subparsers.add_parser(
         "ablation", help="the α ablation: curves and table",

@@ -132,9 +132,19 @@ def summaries_of_table(w):
     return out
 
 
-def plot_inputs(w):
+def run_logs(w):
+    """The logs of the dataset's configured runs, in the order of ``runs``."""
     check_target(w)
-    inputs = {"logs": [f"{run_dir(w.dataset, m, a)}/log.jsonl" for m, a in runs(w.dataset)]}
+    return [f"{run_dir(w.dataset, m, a)}/log.jsonl" for m, a in runs(w.dataset)]
+
+
+def run_args(w, logs) -> str:
+    """``--run METHOD ALPHA LOG`` of each configured run of the dataset."""
+    return " ".join(f"--run {m} {a} {log}" for (m, a), log in zip(runs(w.dataset), logs))
+
+
+def plot_inputs(w):
+    inputs = {"logs": run_logs(w)}
     if "teacher_eval" in DATASETS[w.dataset]:
         inputs["teacher"] = f"results/{w.dataset}/teacher/eval/summary.json"
     return inputs
@@ -143,8 +153,7 @@ def plot_inputs(w):
 def plot_args(w, input) -> str:
     """The runs' curves, and what identifies the dataset's paper numbers (its table and EDM2 size)."""
     d = DATASETS[w.dataset]
-    args = [f"--run {m} {a} {log}" for (m, a), log in zip(runs(w.dataset), input.logs)]
-    args.append(f"--table {d['table']}")
+    args = [run_args(w, input.logs), f"--table {d['table']}"]
     if "size" in d:
         args.append(f"--size {d['size']}")
     if "teacher" in input.keys():
@@ -195,7 +204,8 @@ def figure_inputs(w):
 
 def claims_inputs(w):
     """Everything claims (a)–(e) read: the teacher's and every run's evaluation, the runs' logs, the α ablation
-    (and its table and plot, and the dataset's plot, so that the target brings the experiment's plots)."""
+    (and its table and plot, the dataset's plot and its dynamics, so that the target brings the experiment's
+    plots)."""
     check_target(w)
     d = DATASETS[w.dataset]
     missing = [
@@ -219,6 +229,7 @@ def claims_inputs(w):
         "ablation": ablation_logs(w),
         "ablation_plot": f"results/plots/alpha-ablation-{w.dataset}.png",
         "plot": f"results/plots/{w.dataset}.png",
+        "dynamics": f"results/plots/dynamics-{w.dataset}.png",
     }
 
 

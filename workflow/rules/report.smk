@@ -36,7 +36,7 @@ rule plot:
     benchmark:
         "benchmarks/plot/{dataset}.tsv"
     wildcard_constraints:
-        dataset="(?!alpha-ablation-)[a-z0-9][a-z0-9_.-]*",
+        dataset="(?!alpha-ablation-|dynamics-)[a-z0-9][a-z0-9_.-]*",
     localrule: True
     conda:
         SOFTWARE_ENV
@@ -44,6 +44,27 @@ rule plot:
         args=plot_args,
     shell:
         "sidcore plot --title {wildcards.dataset} {params.args} --out {output.png} --pdf {output.pdf} > {log} 2>&1"
+
+
+# The training dynamics the distillations' instruments logged (sidcore/instruments.py): the discriminator, the
+# generator's gradients, the FID of G_ema and of the raw G.
+rule dynamics:
+    input:
+        run_logs,
+    output:
+        png=plot_report("results/plots/dynamics-{dataset}.png", "PNG", "dynamics.rst"),
+        pdf=plot_report("results/plots/dynamics-{dataset}.pdf", "PDF", "dynamics.rst"),
+    log:
+        "logs/dynamics/{dataset}.log",
+    benchmark:
+        "benchmarks/dynamics/{dataset}.tsv"
+    localrule: True
+    conda:
+        SOFTWARE_ENV
+    params:
+        args=lambda w, input: run_args(w, input),
+    shell:
+        "sidcore dynamics --title {wildcards.dataset} {params.args} --out {output.png} --pdf {output.pdf} > {log} 2>&1"
 
 
 # The α ablation (config `ablation`): FID and IS against images seen, one curve per α, per method.
