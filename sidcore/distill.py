@@ -7,7 +7,8 @@ micro-batches per process; with several processes DDP averages the gradients, sy
 last micro-batch. Losses are sums over pixels divided by the per-process batch, as the official code.
 
 Every ``tick_kimg`` images the loop writes a record to the progress log (``sidcore.progress_log``; also to
-TensorBoard where asked, ``sidcore.tensorboard``), evaluates G_ema when due (``sidcore.model_selection``:
+TensorBoard where asked, ``sidcore.tensorboard``) with the tick's instruments (``sidcore.instruments``: SiDA's
+discriminator, one gradient probe of the adversarial term), evaluates G_ema when due (``sidcore.model_selection``:
 snapshots, sample grids, the published ``generator.pt`` and ``log.jsonl``) and saves the training state when due
 (``sidcore.training_state``). Restarting on the same directory resumes from the last training state,
 bit-identically, with the same ticks. A stop signal (``sidcore.stopping``) makes the loop finish its iteration,

@@ -109,9 +109,11 @@ def test_the_dynamics_plot_draws_every_instrument_of_a_sida_run_and_the_fid_of_a
                                     "--pdf", str(tmp_path / "dynamics.pdf")])
     assert args.func(args) == 0 and png.stat().st_size > 0 and (tmp_path / "dynamics.pdf").exists()
     fig = dynamics.figure([("sida", 1.2, sida_run / "log.jsonl"), ("sid", 1.2, sid / "log.jsonl")], "toy")
-    labels = [text.get_text() for text in fig.legends[0].get_texts()]
-    sida = [label.rsplit(", ", 1)[1] for label in labels if label.startswith("SiDA")]
-    assert sida == ["real", "fake", "real", "fake", "|∇gan| / |∇sid|", "cos", "G_ema", "raw G"]
-    assert [label for label in labels if label.startswith("SiD,")] == ["SiD, α = 1.2, G_ema"]
-    acc = fig.axes[0]
-    assert len(acc.lines) == 2 + 1 + 2 * 1  # real, fake, chance, and the two stage starts of SiDA
+    acc, bce, grad, fid = fig.axes[:4]
+    legends = [[text.get_text() for text in axes.get_legend().get_texts()] for axes in (acc, bce, grad, fid)]
+    assert legends[:3] == [["SiDA, α = 1.2, real", "SiDA, α = 1.2, fake"]] * 2 + [
+        ["SiDA, α = 1.2, |∇gan| / |∇sid|", "SiDA, α = 1.2, cos"]]
+    assert legends[3] == ["SiDA, α = 1.2, G_ema", "SiDA, α = 1.2, raw G", "SiD, α = 1.2, G_ema"]
+    assert len(acc.lines) == 2 + 2 + 1  # real, fake, SiDA's two stage starts, chance
+    twice = dynamics.labels([("sida", 1.2, sida_run / "log.jsonl"), ("sida", 1.2, sid / "log.jsonl")])
+    assert twice == [f"SiDA, α = 1.2 ({sida_run.name})", "SiDA, α = 1.2 (sid)"]

@@ -6,7 +6,8 @@
 3. the generator's adversarial gradient over its SiD gradient (norm ratio, log scale) and their cosine;
 4. the in-training FID of G_ema (solid) and, where measured, of the raw G (dotted).
 
-SiDA's stage boundaries are drawn as vertical lines; SiD runs have no discriminator and appear in panel 4 only.
+The first tick of each SiDA stage is drawn as a vertical line; SiD runs have no discriminator and appear in panel 4
+only.
 """
 from __future__ import annotations
 
@@ -33,14 +34,21 @@ def stage_starts(records: list[dict]) -> list[float]:
     return [r["kimg"] * 1000 for previous, r in zip(records, records[1:]) if r["stage"] != previous["stage"]]
 
 
+def labels(runs: list[Run]) -> list[str]:
+    """Each run's legend label: its method and α, and its folder where two runs share them."""
+    plain = [method_label(method, alpha) for method, alpha, _ in runs]
+    return [f"{label} ({path.parent.name})" if plain.count(label) > 1 else label
+            for label, (_, _, path) in zip(plain, runs)]
+
+
 def figure(runs: list[Run], title: str) -> Figure:
-    logs = [(method, alpha, read_log(path)) for method, alpha, path in runs]
-    fig = Figure(figsize=(11.0, 8.0), layout="constrained")
+    logs = [(label, read_log(path)) for label, (_, _, path) in zip(labels(runs), runs)]
+    fig = Figure(figsize=(12.0, 8.5), layout="constrained")
     FigureCanvasAgg(fig)
     acc, bce, grad, fid = fig.subplots(2, 2, sharex=True).flatten()
     cos = grad.twinx()
-    for number, (method, alpha, records) in enumerate(logs):
-        colour, label = f"C{number % 10}", method_label(method, alpha)
+    for number, (label, records) in enumerate(logs):
+        colour = f"C{number % 10}"
         for axes, key, style, suffix in ((acc, "D_acc_real", "-", "real"), (acc, "D_acc_fake", "--", "fake"),
                                          (bce, "D_bce_real", "-", "real"), (bce, "D_bce_fake", "--", "fake"),
                                          (grad, "G_grad_ratio", "-", "|∇gan| / |∇sid|"),
@@ -65,14 +73,15 @@ def figure(runs: list[Run], title: str) -> Figure:
         axes.grid(True, which="both", linewidth=0.4, alpha=0.5)
     for axes in (grad, fid):
         axes.set_xlabel("images seen")
-    handles, labels = [], []
-    for axes in (acc, bce, grad, cos, fid):
-        h, lab = axes.get_legend_handles_labels()
-        handles, labels = handles + h, labels + lab
-    if handles:
-        fig.legend(handles, labels, fontsize="x-small", loc="outside right upper")
-    fig.suptitle(f"{title}: training dynamics (vertical lines: SiDA's stage starts)" if title else
-                 "Training dynamics (vertical lines: SiDA's stage starts)")
+    for axes, twin in ((acc, None), (bce, None), (grad, cos), (fid, None)):
+        handles, names = axes.get_legend_handles_labels()
+        if twin is not None:
+            more = twin.get_legend_handles_labels()
+            handles, names = handles + more[0], names + more[1]
+        if handles:
+            axes.legend(handles, names, fontsize="x-small")
+    fig.suptitle(f"{title}: training dynamics (vertical lines: the first tick of each SiDA stage)" if title else
+                 "Training dynamics (vertical lines: the first tick of each SiDA stage)")
     return fig
 
 
