@@ -87,6 +87,25 @@ def test_bad_config_fails_before_any_job_naming_the_key(workdir, text, key):
     assert_refused(snakemake(workdir, "--configfile", overlay(workdir, text)), key)
 
 
+@pytest.mark.parametrize("key, text", [
+    ("cluster.partition", "cluster: {partition: 'gpu$(touch pwned)'}"),
+    ("cluster.cpu_partition", "cluster: {cpu_partition: 'cpu;touch pwned'}"),
+    ("cluster.account", "cluster: {account: 'lab`touch pwned`'}"),
+    ("cluster.qos", "cluster: {qos: \"normal' && touch pwned && '\"}"),
+    ("datasets.tiny.cluster.partition", "datasets: {tiny: {cluster: {partition: 'gpu|touch pwned'}}}"),
+    ("datasets.tiny.size", "datasets: {tiny: {size: 'xs$(touch pwned)'}}"),
+    ("cluster.partition", "cluster: {partition: 'gpu large'}"),  # a space would split the command
+])
+def test_a_config_value_never_runs_as_shell_code(workdir, key, text):
+    """A real run (not a plan) of rules whose commands carry these values: refused naming the key, nothing ran."""
+    targets = ("results/tiny/teacher/eval/run0.json", "results/plots/tiny.png", "resources/data/digits.zip")
+    r = subprocess.run([*SNAKEMAKE, "--cores", "1", *targets, "--configfile", overlay(workdir, text)], cwd=workdir,
+                       capture_output=True, text=True, timeout=300)
+    assert_refused(r, key.rsplit(".", 1)[-1])
+    assert "does not match" in r.stderr and not (workdir / "pwned").exists()
+    assert not (workdir / "resources").exists() and not (workdir / "results").exists()
+
+
 @pytest.mark.parametrize("text, key", [
     ("datasets: {tiny: {distill: {lr: .nan}}}", "datasets.tiny.distill.lr"),
     ("datasets: {tiny: {distill: {P_mean: -.inf}}}", "datasets.tiny.distill.P_mean"),

@@ -17,6 +17,7 @@
 # are CPU jobs, sent to SLURM by Snakemake's executor under the slurm profile.
 import functools
 import os
+import shlex
 import sys
 
 from sidcore.registry import artifacts
@@ -162,7 +163,8 @@ def gpu_resources(stage, single=False, study="main"):
         return (
             f"sidcore launch {LAUNCH_FLAGS} --name {name} --nodes {job['nodes']}"
             f" --gpus-per-node {job['gpus_per_node']} --cpus-per-task {job['cpus_per_task']}"
-            f" --mem-mb {int(job['mem_gb'] * 1024)} --time-min {job['time_min']} --partition {job['partition']}"
+            f" --mem-mb {int(job['mem_gb'] * 1024)} --time-min {job['time_min']}"
+            f" --partition {shlex.quote(job['partition'])}"
             f" --logdir logs/jobs/{name}"
         )
 
@@ -187,7 +189,7 @@ def logging_flags(w) -> str:
 def launch_flags() -> str:
     """The launcher's flags common to every GPU stage (see `sidcore launch --help`)."""
     c = config["cluster"]
-    optional = "".join(f" --{key} {c[key]}" for key in ("account", "qos") if c[key])
+    optional = "".join(f" --{key} {shlex.quote(c[key])}" for key in ("account", "qos") if c[key])
     return (
         f"--executor {config['launcher']} --signal-delay-s {c['signal_delay_s']}"
         f" --max-requeues {c['max_requeues']}{optional}"
@@ -232,7 +234,7 @@ def cpu_resources():
     if c["account"]:
         out["slurm_account"] = c["account"]
     if c["qos"]:
-        out["slurm_extra"] = f"'--qos={c['qos']}'"
+        out["slurm_extra"] = f"'--qos={c['qos']}'"  # the schema's alphabet for qos holds no quote
     return out
 
 

@@ -155,7 +155,7 @@ def plot_args(w, input) -> str:
     d = DATASETS[w.dataset]
     args = [run_args(w, input.logs), f"--table {d['table']}"]
     if "size" in d:
-        args.append(f"--size {d['size']}")
+        args.append(f"--size {shlex.quote(d['size'])}")
     if "teacher" in input.keys():
         args.append(f"--teacher-summary {input.teacher}")
     return " ".join(args)
