@@ -19,8 +19,7 @@ from torch.nn.functional import softplus
 def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` [B, …] over the samples ``keep`` [B] holds (0 where none is kept), without a sync."""
     per_sample = values.flatten(1).float().mean(dim=1)
-    weight = keep.float()
-    return torch.where(keep, per_sample, 0).sum() / weight.sum().clamp(min=1)
+    return torch.where(keep, per_sample, 0).sum() / keep.sum().clamp(min=1)
 
 
 def discriminator_readout(logit_real: torch.Tensor, logit_fake: torch.Tensor,
@@ -41,9 +40,8 @@ def gradient_probe(S_sid: torch.Tensor, S_gan: torch.Tensor, params: Iterable[to
     g_sid = torch.autograd.grad(S_sid, params, retain_graph=True, allow_unused=True)
     g_gan = torch.autograd.grad(S_gan, params, retain_graph=True, allow_unused=True)
     pairs = [(a.double(), b.double()) for a, b in zip(g_sid, g_gan) if a is not None and b is not None]
-    n_sid = sum(float(a.square().sum()) for a, _ in pairs)
-    n_gan = sum(float(b.square().sum()) for _, b in pairs)
-    dot = sum(float((a * b).sum()) for a, b in pairs)
+    sums = torch.stack([torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()]) for a, b in pairs])
+    n_sid, n_gan, dot = sums.sum(dim=0).tolist()  # one wait for the device
     if n_sid == 0 or n_gan == 0:
         return {"G_grad_ratio": math.nan, "G_grad_cos": math.nan}
     return {"G_grad_ratio": math.sqrt(n_gan / n_sid), "G_grad_cos": dot / math.sqrt(n_sid * n_gan)}
