@@ -2,14 +2,15 @@
 # Every rule calls one `sidcore` command; settings come from config.yaml (validated below).
 from snakemake.utils import min_version
 
-from sidcore import config as config_file, strict_yaml
+from sidcore import config as config_file
 
 min_version("9.0")
 
-# Snakemake keeps the last of two equal keys and reports a syntax error without its place: read strictly first.
+# Snakemake keeps the last of two equal keys, reports a syntax error without its place and evaluates YTE
+# templates: read strictly first (config.yaml before Snakemake reads it; overlays before any plan).
 with config_file.exit_on_user_error("config error"):
     for path in ["config.yaml", *workflow.configfiles]:
-        strict_yaml.load(path)
+        config_file.read(path)
 
 
 configfile: "config.yaml"

@@ -36,9 +36,24 @@ def validate(config: dict, schema: str | os.PathLike = SCHEMA) -> None:
         raise UserError(f"{key_path(error.absolute_path)}: {error.message} (schema: {schema})")
 
 
+def read(path: str | os.PathLike) -> dict:
+    """A config file or overlay, strictly parsed (``strict_yaml``): a mapping of plain values.
+
+    A YTE template (a top-level ``__use_yte__``) is refused: its ``?``-expressions are Python that Snakemake
+    would evaluate while it only plans."""
+    config = strict_yaml.load(path)
+    if not isinstance(config, dict):
+        kind = "empty" if config is None else f"a {type(config).__name__}"
+        raise UserError(f"{path}: a configuration is a mapping of keys (as config.yaml), this one is {kind}")
+    if "__use_yte__" in config:
+        raise UserError(f"{path}: __use_yte__ makes it a YTE template whose ?-expressions run as Python; "
+                        "configurations here are plain values: remove the key and write the values out")
+    return config
+
+
 def load(path: str | os.PathLike, schema: str | os.PathLike = SCHEMA) -> dict:
     """A config file, strictly parsed and validated."""
-    config = strict_yaml.load(path)
+    config = read(path)
     validate(config, schema)
     return config
 

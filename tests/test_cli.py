@@ -23,7 +23,7 @@ def test_every_command_is_registered_and_the_parser_imports_no_library():
     commands = set(cli.parser()._subparsers._group_actions[0].choices)
     assert commands == {"prepare-data", "train-teacher", "distill", "ddp-check", "evaluate", "download",
                         "convert-network", "train-detector", "ref-stats", "summarize", "tabulate", "plot", "dynamics",
-                        "ablation", "cost", "plan", "figure", "claims", "benchmark", "launch"}
+                        "ablation", "cost", "plan", "figure", "claims", "benchmark", "launch", "check-config"}
 
 
 def assert_user_error(capsys, pattern: str, argv: list[str]) -> None:

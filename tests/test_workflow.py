@@ -149,6 +149,43 @@ def test_malformed_config_yaml_is_reported_with_its_place(workdir, edit, where):
     assert "column" in r.stderr
 
 
+def alias_bomb(levels: int = 9) -> str:
+    """YAML of nine values whose nested aliases expand to 9 ** (levels + 1) of them."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, culprit", [
+    ("__use_yte__: true\nevaluation:\n  runs: ?__import__('os').system('touch pwned') or 2\n", "YTE template"),
+    (alias_bomb(), "aliases expand to 4,412,961,516 values"),
+    ("tables: [tiny]\n# " + "x" * (2 << 20) + "\n", "2,097,170 bytes, more than the 1,048,576"),
+    ("- tables\n- tiny\n", "this one is a list"),
+    ("# nothing but a comment\n", "this one is empty"),
+    ("# caf\xe9\ntables: [tiny]\n", "not UTF-8 text (byte 5 is b'\\xe9')"),
+])
+def test_a_config_yaml_that_is_not_plain_values_is_refused_before_snakemake_reads_it(workdir, text, culprit):
+    """Code in a YTE template never runs; a file that would exhaust memory or time is refused in one sentence."""
+    (workdir / "config.yaml").write_bytes(text.encode("latin-1"))
+    r = snakemake(workdir)
+    assert_refused(r, "config.yaml: ")
+    assert culprit in r.stderr and not (workdir / "pwned").exists()
+
+
+def test_an_overlay_that_is_not_plain_values_is_refused_before_any_plan(workdir):
+    """Snakemake reads an overlay on its command line; the workflow refuses it before planning, and
+    `sidcore check-config` refuses it without evaluating it."""
+    bomb = overlay(workdir, alias_bomb())
+    assert_refused(snakemake(workdir, "--configfile", bomb), "overlay.yaml: its aliases expand to 4,412,961,516")
+    yte = workdir / "yte.yaml"
+    yte.write_text("__use_yte__: true\nevaluation:\n  runs: ?2 + 1\n")
+    assert_refused(snakemake(workdir, "--configfile", str(yte)), "yte.yaml: __use_yte__ makes it a YTE template")
+    for path, returncode, said in [(yte, 2, "YTE template"), (bomb, 2, "aliases expand"), ("config.yaml", 0, "plain")]:
+        r = subprocess.run([sys.executable, "-m", "sidcore.cli", "check-config", str(path)], cwd=workdir,
+                           capture_output=True, text=True)
+        assert r.returncode == returncode and said in r.stdout + r.stderr, r.stderr
+
+
 def test_duplicate_key_in_an_overlay_is_refused(workdir):
     r = snakemake(workdir, "--configfile", overlay(workdir, "evaluation: {runs: 2}\nevaluation: {runs: 3}\n"))
     assert_refused(r, "overlay.yaml, line 2, column 1: duplicate key 'evaluation'")

@@ -1,4 +1,5 @@
-"""Commands around the pipeline: benchmark (speed of an iteration) and launch (run a command as a job)."""
+"""Commands around the pipeline: benchmark (speed of an iteration), launch (run a command as a job) and
+check-config (read a configuration without evaluating anything in it)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,14 @@ def launch(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     spec = JobSpec(**{f.name: getattr(args, f.name) for f in fields(JobSpec)})
     return run(spec, command, Path(args.logdir), args.lost_after_s)
+
+
+def check_config(args: argparse.Namespace) -> int:
+    from sidcore import config
+    for path in args.files:
+        config.read(path)
+        print(f"{path}: plain values, readable as a configuration or an overlay")
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,3 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(clusters without accounting, where sacct cannot say)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS]: the sidcore command to run")
     p.set_defaults(func=launch)
+
+    p = subparsers.add_parser("check-config", help="read config files or overlays strictly, evaluating nothing "
+                              "(run it on an overlay before --configfile: Snakemake evaluates a YTE one)")
+    p.add_argument("files", nargs="+", help="YAML files")
+    p.set_defaults(func=check_config)
