@@ -32,6 +32,8 @@ def load(path: str | os.PathLike, what: str = "sidcore checkpoint",
     """A ``torch.save`` file read as data (tensors and plain containers only: nothing in it runs); an unreadable
     one is a ``UserError`` naming it, with ``advice``."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a directory where a {what} file should be; {advice}")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:

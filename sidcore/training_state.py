@@ -1,14 +1,18 @@
 """The training state of a distillation run (``training-state.pt``): networks, optimisers, progress and every
 process's random state, all a restart needs to continue bit-identically (see ``sidcore.randomness``).
 
-``save`` writes it atomically from rank 0. ``load`` checks that a restart continues the same run (same
-settings, same number of processes), restores this process's random state and trims the progress log to the
-state; without a state the run starts over, and the live files of an earlier start are removed.
+``save`` writes it atomically from rank 0, with a digest of its content. ``load`` checks that the state is
+exactly what was written (the digest: ``torch.load`` does not check its tensor records) and that a restart
+continues the same run (same settings, same number of processes), restores this process's random state
+and trims the progress log to the state; without a state the run starts over, and the live files of an
+earlier start are removed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +68,38 @@ def changes(old: object, new: object, key: str = "") -> list[str]:
     return [f"{key} {old} -> {new}"]
 
 
+def digest(value: object) -> str:
+    """sha256 of a state's content in order: every tensor's dtype, shape and bytes, every plain value's repr."""
+    h = hashlib.sha256()
+
+    def visit(x: object) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k, v in x.items():
+                visit(k)
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__}{len(x)}".encode())
+            for v in x:
+                visit(v)
+        else:
+            h.update(f"V{x!r};".encode())
+
+    visit(value)
+    return h.hexdigest()
+
+
 def save(outdir: Path, ctx: Context, settings: dict, state: dict) -> None:
     """Write rank 0's ``state`` with every process's random state and the run's settings (a collective)."""
     rng = gather(ctx, rng_state(ctx.device))
     if ctx.is_main:
-        checkpoint.save_atomic({**state, "format": FORMAT, "rng": rng,
-                                "settings_json": json.dumps(training_settings(settings), sort_keys=True)},
-                               outdir / STATE_FILE)
+        state = {**state, "format": FORMAT, "rng": rng,
+                 "settings_json": json.dumps(training_settings(settings), sort_keys=True)}
+        checkpoint.save_atomic({**state, "digest": digest(state)}, outdir / STATE_FILE)
     barrier(ctx)
 
 
@@ -101,6 +130,11 @@ def read(path: Path, world_size: int, settings: dict) -> dict:
     state = checkpoint.load(path, advice=restart)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not a training state of this sidcore version; {restart}")
+    if "digest" not in state:  # written before states carried one
+        print(f"{path}: a state without a digest (written by an earlier sidcore); resumed unchecked", file=sys.stderr)
+    elif state.pop("digest") != digest(state):
+        raise UserError(f"{path}: its content is not what was written (its digest differs: the file was damaged "
+                        f"or edited); {restart}, or put back a good copy")
     changed = changes(json.loads(state["settings_json"]), training_settings(settings))
     if changed:
         raise UserError(f"{path}: the run was started with different settings: {', '.join(changed)}; "

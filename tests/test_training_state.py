@@ -9,6 +9,7 @@ from test_distill import NETWORK, fake_fid, make_toy, settings
 
 from sidcore import checkpoint, training_state
 from sidcore.distill import Distiller
+from sidcore.distributed import Context
 from sidcore.errors import UserError
 from sidcore.settings import Engine
 
@@ -79,3 +80,63 @@ def test_random_states_are_restored():
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
     training_state.set_rng_state(state, device)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+
+
+def record_span(path, name: str) -> tuple[int, int]:
+    """Byte range of the stored (uncompressed) zip member ``name`` inside a torch.save file."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(name)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    return start, start + info.file_size
+
+
+def tensor_records(path) -> list[str]:
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        return [i.filename for i in z.infolist() if "/data/" in i.filename]
+
+
+def flipped(data: bytes, at: int, n: int) -> bytes:
+    return data[:at] + bytes(b ^ 0xFF for b in data[at:at + n]) + data[at + n:]
+
+
+@pytest.mark.parametrize("damage", ["64 bytes in the middle", "8 bytes in a tensor record", "cur_nimg edited",
+                                    "a directory"])
+def test_a_damaged_training_state_is_refused_naming_the_file_and_nothing_is_deleted(finished, tmp_path, damage):
+    path = tmp_path / "training-state.pt"
+    good = (finished / "training-state.pt").read_bytes()
+    path.write_bytes(good)
+    assert training_state.read(path, 1, settings("sid"))["cur_nimg"] == 160  # the copy itself is accepted
+    if damage == "64 bytes in the middle":
+        middle = len(good) // 2  # tensor data, which torch.load never checks
+        spans = [record_span(path, record) for record in tensor_records(path)]
+        assert any(start <= middle < end - 64 for start, end in spans)
+        path.write_bytes(flipped(good, middle, 64))
+    elif damage == "8 bytes in a tensor record":
+        start, end = record_span(path, tensor_records(path)[-1])
+        path.write_bytes(flipped(good, end - 8, 8))
+    elif damage == "cur_nimg edited":
+        state = torch.load(path, weights_only=True)
+        torch.save({**state, "cur_nimg": state["cur_nimg"] + 32}, path)
+    else:
+        path.unlink()
+        path.mkdir()
+    damaged = path.read_bytes() if path.is_file() else None
+    with pytest.raises(UserError) as e:
+        training_state.load(tmp_path, Context(0, 1, 0, torch.device("cpu")), settings("sid"))
+    said = "a directory where" if damage == "a directory" else "its content is not what was written"
+    assert str(e.value).startswith(f"{path}: {said}") and "delete it to restart" in str(e.value), str(e.value)
+    assert (path.read_bytes() if path.is_file() else None) == damaged and path.exists()
+
+
+def test_a_state_written_before_digests_resumes_with_a_note(finished, tmp_path, capsys):
+    path = tmp_path / "training-state.pt"
+    state = torch.load(finished / "training-state.pt", weights_only=True)
+    del state["digest"]
+    torch.save(state, path)
+    assert training_state.read(path, 1, settings("sid"))["cur_nimg"] == 160
+    assert "a state without a digest (written by an earlier sidcore); resumed unchecked" in capsys.readouterr().err
