@@ -165,6 +165,16 @@ CHECKS: dict[str, Callable[[Path], None]] = {
     "json": _json,
 }
 KINDS = tuple(CHECKS)
+# The kind a plain URL's file name says: a .pkl gets the check every pickle kind shares; an .npz, which
+# holds statistics or images, must be named.
+EXTENSIONS = {".pkl": "pickle", ".pickle": "pickle", ".pt": "torch-checkpoint", ".pth": "torch-checkpoint",
+              ".tar.gz": "tar-gz", ".tgz": "tar-gz", ".safetensors": "safetensors", ".json": "json"}
+
+
+def kind_of_name(url: str) -> str | None:
+    """The content kind a URL's file name says by its extension (``EXTENSIONS``), if any."""
+    name = url.split("?", 1)[0].rsplit("/", 1)[-1].lower()
+    return next((kind for ext, kind in EXTENSIONS.items() if name.endswith(ext)), None)
 
 
 # ----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ no validator, restart from zero: a part is only extended when its origin is conf
 ``out`` appears only once the file has the announced length, the registry's size, the expected sha256
 (the registry's, else the lock file's) and any sha256 the server publishes (Hugging Face's
 ``X-Linked-Etag`` on the redirect to its storage). A first download (no expected sha256) must also open
-as its registry entry's kind (:mod:`sidcore.content`; a bare URL has none) before its digest is pinned.
+as its kind (:mod:`sidcore.content`: the registry entry's; for a bare URL the caller's or its extension's)
+before its digest is pinned; one whose content nothing can check is refused before any request.
 A refusal deletes the part and its origin, so that the next run starts clean, and pins nothing;
 transport failures keep them for a later resume.
 
@@ -71,18 +72,23 @@ def fetch(
     backoff: float = 2.0,
     chunk: int = 1 << 20,
     progress: bool = True,
+    kind: str | None = None,
 ) -> Path:
     """Download ``source`` (registry key, URL or Artifact) to ``out`` and verify it; return ``out``.
 
     An existing ``out`` that verifies is kept without network access; one that does not is
     deleted and downloaded again. ``retries`` counts consecutive attempts that made no progress.
-    Without a known sha256 the download is checked for length and, for a registry entry, content.
+    Without a known sha256 the download is checked for length and content (``kind`` names a bare URL's).
     """
-    art = source if isinstance(source, Artifact) else lookup(source)
+    art = source if isinstance(source, Artifact) else lookup(source, kind)
     out = Path(out)
     lock_file = Path(lock_file) if lock_file is not None else None
     label = art.key or art.url.rsplit("/", 1)[-1]
     expected, _ = _expected(art, lock_file)
+    if expected is None and art.kind is None:
+        raise VerificationError(f"refusing {art.url}: nothing could check what it serves (no sha256 known, and "
+                                f"its name says no content kind); name its kind (--kind, one of "
+                                f"{', '.join(content.KINDS)}) or register it in sidcore/data/artifacts.yaml")
     if out.exists() and expected is not None:
         try:
             digest = _check(art, out, lock_file)
@@ -237,6 +243,10 @@ def _download(art: Artifact, part: Path, label: str, *, retries: int, timeout: f
             if exc.code != 429 and exc.code < 500:
                 raise DownloadError(f"HTTP {exc.code} {exc.reason} for {art.url}") from None
             error: Exception = exc
+        except urllib.error.URLError as exc:
+            if art.url.startswith("file://") and isinstance(exc.reason, OSError):  # a local file: no retry helps
+                raise DownloadError(f"{art.url}: {exc.reason.strerror or exc.reason}") from None
+            error = exc
         except TRANSIENT as exc:
             error = exc
         failures = 0 if _size(part) > before else failures + 1

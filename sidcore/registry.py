@@ -4,7 +4,8 @@ The YAML groups entries as ``group -> name -> {url, sha256, size, kind, note}``;
 is ``"<group>/<name>"``, e.g. ``teacher/edm-cifar10-32x32-uncond-vp``. ``kind`` names the content
 check a first download must pass before its digest is pinned (:data:`sidcore.content.KINDS`). A plain
 ``http(s)://`` or ``file://`` URL is accepted wherever a key is, as an artifact without registry
-metadata (no kind: its content is not checked).
+metadata: its kind is the one the caller names, else the one its file name's extension says
+(:data:`sidcore.content.EXTENSIONS`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from sidcore import strict_yaml
-from sidcore.content import KINDS
+from sidcore.content import KINDS, kind_of_name
 from sidcore.errors import UserError
 
 URL_SCHEMES = ("http://", "https://", "file://")
@@ -68,10 +69,15 @@ def artifacts() -> dict[str, Artifact]:
     return parse(text)
 
 
-def lookup(key: str) -> Artifact:
-    """The artifact registered under ``key``, or a key-less artifact for a plain URL."""
+def lookup(key: str, kind: str | None = None) -> Artifact:
+    """The artifact registered under ``key``, or a key-less artifact for a plain URL, whose content kind is
+    ``kind`` or its extension's (None if neither says)."""
+    if kind is not None and kind not in KINDS:
+        raise UserError(f"unknown content kind {kind!r}; use one of {', '.join(KINDS)}")
     if key.startswith(URL_SCHEMES):
-        return Artifact(None, key)
+        return Artifact(None, key, kind=kind or kind_of_name(key))
+    if kind is not None:
+        raise UserError(f"{key}: a registry entry has its own kind; a kind is named for a plain URL only")
     table = artifacts()
     if key not in table:
         close = difflib.get_close_matches(key, table, n=5, cutoff=0.5)

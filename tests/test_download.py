@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -102,11 +103,15 @@ def state(http_server) -> ServerState:
 
 @pytest.fixture
 def blob(http_server, state) -> tuple[str, bytes]:
-    """URL of a few hundred KB of random bytes."""
-    data = os.urandom(300_000 + 17)
-    state.files["/blob.bin"] = data
+    """URL of a pickle of a few hundred KB of random bytes (a kind its name says, so a first download is checked)."""
+    data = random_pickle(300_000 + 17)
+    state.files["/blob.pkl"] = data
     host, port = http_server.server_address
-    return f"http://{host}:{port}/blob.bin", data
+    return f"http://{host}:{port}/blob.pkl", data
+
+
+def random_pickle(n: int) -> bytes:
+    return pickle.dumps(os.urandom(n), protocol=4)
 
 
 def sha(data: bytes) -> str:
@@ -174,7 +179,7 @@ def test_retries_are_bounded(blob, state, tmp_path):
 
 def test_404_fails_at_once(blob, state, tmp_path):
     url, _ = blob
-    missing = url.replace("blob.bin", "missing.bin")
+    missing = url.replace("blob.pkl", "missing.pkl")
     with pytest.raises(DownloadError) as info:
         fetch(missing, tmp_path / "missing.bin", retries=5, **FAST)
     assert missing in str(info.value) and "404" in str(info.value)
@@ -189,7 +194,7 @@ def test_lock_file_pins_first_download(blob, state, tmp_path):
     assert json.loads(lock.read_text())[url]["sha256"] == sha(data)
     assert verify(url, first, lock) == sha(data)
 
-    state.files["/blob.bin"] = os.urandom(len(data))  # the server now serves something else
+    state.files["/blob.pkl"] = os.urandom(len(data))  # the server now serves something else
     with pytest.raises(VerificationError, match="lock file") as info:
         fetch(url, tmp_path / "b.bin", lock, **FAST)
     assert url in str(info.value) and sha(data) in str(info.value)
@@ -250,10 +255,17 @@ def test_disk_full_names_the_target(blob, tmp_path, monkeypatch):
 
 
 def test_file_url(tmp_path):
-    data = os.urandom(1000)
-    (tmp_path / "src.bin").write_bytes(data)
-    out = fetch((tmp_path / "src.bin").as_uri(), tmp_path / "dst.bin", tmp_path / "lock.json", **FAST)
+    data = random_pickle(1000)
+    (tmp_path / "src.pkl").write_bytes(data)
+    out = fetch((tmp_path / "src.pkl").as_uri(), tmp_path / "dst.pkl", tmp_path / "lock.json", **FAST)
     assert out.read_bytes() == data
+
+
+def test_a_missing_file_url_fails_at_once(tmp_path):
+    url = (tmp_path / "no-such.pkl").as_uri()
+    with pytest.raises(DownloadError, match=f"^{url}: No such file or directory$"):
+        fetch(url, tmp_path / "dst.pkl", retries=5, backoff=1.0, timeout=5.0, progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_command_line(blob, tmp_path, capsys):
@@ -306,8 +318,8 @@ def test_digest_published_with_the_redirect_is_checked(blob, state, tmp_path, pu
     """Hugging Face announces an LFS file's sha256 in X-Linked-Etag on the redirect to its storage."""
     url, data = blob
     published = sha(data) if published_ok else sha(b"something else")
-    state.redirects["/resolve/main/blob.bin"] = ("/blob.bin", published)
-    art = Artifact("test/blob", url.replace("/blob.bin", "/resolve/main/blob.bin"))
+    state.redirects["/resolve/main/blob.pkl"] = ("/blob.pkl", published)
+    art = Artifact("test/blob", url.replace("/blob.pkl", "/resolve/main/blob.pkl"), kind="pickle")
     out = tmp_path / "blob.bin"
     if published_ok:
         fetch(art, out, tmp_path / "lock.json", **FAST)
@@ -328,8 +340,8 @@ def test_digest_published_with_the_redirect_is_checked(blob, state, tmp_path, pu
 def changing(blob, state) -> tuple[str, bytes, bytes]:
     """URL of a file, its content and what it becomes (same length) after a response with the "swap" fault."""
     url, old = blob
-    new = os.urandom(len(old))
-    state.files["/blob.bin~"] = new
+    new = random_pickle(300_000 + 17)
+    state.files["/blob.pkl~"] = new
     return url, old, new
 
 
@@ -372,8 +384,8 @@ def test_part_of_an_earlier_run_is_resumed(blob, state, tmp_path):
 
 def test_range_answer_with_another_total_restarts(blob, state, tmp_path):
     url, old = blob
-    new = os.urandom(len(old) + 100)
-    state.files["/blob.bin~"] = new
+    new = random_pickle(300_000 + 117)
+    state.files["/blob.pkl~"] = new
     state.faults = ["cut+swap", "stale-range+no-etag"]  # ignores If-Range, no ETag: only the total tells
     out = fetch(url, tmp_path / "blob.bin", **FAST)
     assert out.read_bytes() == new and len(state.requests) == 3

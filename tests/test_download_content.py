@@ -20,9 +20,9 @@ from nvidia_pickle import write_network_pickle
 from test_download import FAST, ServerState, http_server, sha, state  # noqa: F401 — the server fixtures
 
 from sidcore import content, registry
-from sidcore.download import ContentError, fetch
+from sidcore.download import ContentError, VerificationError, fetch
 from sidcore.networks.layers import Linear
-from sidcore.registry import Artifact
+from sidcore.registry import Artifact, lookup
 
 HTML = b"<!DOCTYPE html>\n<p>no</p>\n"  # 26 bytes
 
@@ -224,3 +224,25 @@ def test_html_page_with_status_200(http_server, state, tmp_path):  # noqa: F811
     message = refused(Artifact("teacher/x", url, kind="network-pickle"), tmp_path)
     assert f"{tmp_path / 'out.bin.part'}: not a pickle (starts with '<!DOCTYPE')" in message
     assert "check that" in message and url in message
+
+
+@pytest.mark.parametrize("name, kind, fault, said", [
+    ("teacher.pkl", None, None, "not a pickle (starts with '<!DOCTYPE')"),  # the 26-byte error page, status 200
+    ("net.pkl", None, "no-length+cut", "not a valid pickle file"),  # truncated, no Content-Length
+    ("weights", "network-pickle", "no-length+cut", "not a valid network-pickle file"),  # the caller names the kind
+])
+def test_a_bare_url_is_checked_by_the_kind_its_name_or_the_caller_says(http_server, state, tmp_path,  # noqa: F811
+                                                                      name, kind, fault, said):
+    body = HTML if fault is None else GOOD["network-pickle"](tmp_path)
+    url = serve(state, http_server, name, body)
+    state.faults = [fault] if fault else []
+    message = refused(lookup(url, kind), tmp_path)
+    assert message.startswith(f"refusing {url}: {tmp_path / 'out.bin.part'}: {said}"), message
+
+
+def test_a_bare_url_nothing_can_check_is_refused_before_any_request(http_server, state, tmp_path):  # noqa: F811
+    url = serve(state, http_server, "ref.npz", npz(**stats(4)))
+    with pytest.raises(VerificationError, match=f"refusing {url}: nothing could check what it serves"):
+        fetch(url, tmp_path / "out.npz", tmp_path / "lock.json", **FAST)
+    assert state.requests == [] and not list(tmp_path.iterdir())
+    assert fetch(url, tmp_path / "out.npz", tmp_path / "lock.json", kind="stats-npz", **FAST).exists()

@@ -9,7 +9,7 @@ DEFAULT_LOCK = Path("resources/artifacts.lock.json")
 
 def download(args: argparse.Namespace) -> int:
     from sidcore.download import fetch
-    fetch(args.source, args.out, args.lock, retries=args.retries, timeout=args.timeout)
+    fetch(args.source, args.out, args.lock, retries=args.retries, timeout=args.timeout, kind=args.kind)
     return 0
 
 
@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retries", type=int, default=5,
                    help="retries of a failed attempt that made no progress (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="socket time-out in seconds (default: %(default)s)")
+    p.add_argument("--kind", help="content kind of a plain URL (sidcore/content.py KINDS; default: by its extension)")
     p.set_defaults(func=download)
 
     p = subparsers.add_parser("convert-network", help="NVIDIA persistence pickle -> sidcore network snapshot")
