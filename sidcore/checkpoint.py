@@ -44,12 +44,20 @@ def load(path: str | os.PathLike, what: str = "sidcore checkpoint",
 
 def _reason(path: Path, error: Exception) -> str:
     """Why torch could not read ``path``, without its advice to load the file unsafely instead."""
-    if path.stat().st_size == 0:
-        return "an empty file"
-    refused = re.search(r"unsupported GLOBAL (\S+)", str(error))
+    return "an empty file" if path.stat().st_size == 0 else refusal_reason(error)
+
+
+def refusal_reason(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a stream, in a few words: never torch's advice to read it
+    with ``weights_only=False`` (which would run what it holds)."""
+    text = str(error)
+    refused = re.search(r"unsupported GLOBAL (\S+)", text)
     if refused:
         return f"it names {refused.group(1)}, which a checkpoint of weights never does"
-    return str(error).splitlines()[0] if str(error) and "weights_only" not in str(error) else type(error).__name__
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail:
+        return detail.group(1).strip()
+    return text.splitlines()[0] if text and "weights_only" not in text else type(error).__name__
 
 
 def network_snapshot(net: torch.nn.Module, network: dict, **meta: Any) -> dict:

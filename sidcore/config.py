@@ -6,6 +6,7 @@ the same way (``load``) and resolve a job's settings from it with ``sidcore.sett
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -14,8 +15,14 @@ from typing import Any
 
 from sidcore import strict_yaml
 from sidcore.errors import UserError, debugging, message
+from sidcore.methods import METHODS
 
 SCHEMA = Path("workflow/schemas/config.schema.yaml")
+SCHEMA_ID = "urn:sidcore:config-schema"
+# Where each block of a job's resolved settings is described in the schema (the others: datasets.<d>.<key>).
+SETTINGS_BLOCKS = {"distill": "#/$defs/full_distill", "evaluation": "#/properties/evaluation",
+                   "alpha": "#/$defs/alpha", "init": "#/$defs/sid2a_method/properties/init"}
+NOT_SETTINGS = ("methods", "cluster", "released", "ablation")  # dataset keys the workflow alone reads
 
 
 def key_path(parts: Any) -> str:
@@ -26,14 +33,74 @@ def key_path(parts: Any) -> str:
     return text or "(top level)"
 
 
-def validate(config: dict, schema: str | os.PathLike = SCHEMA) -> None:
-    """Raise a ``UserError`` naming the key of the most relevant schema violation of ``config``."""
+def validator(schema: dict, **kwargs: Any) -> Any:
+    """A JSON-schema validator whose integers are integers (64.0 is not: a job would get a float)."""
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(strict_yaml.load(schema))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
-    if error is not None:
-        raise UserError(f"{key_path(error.absolute_path)}: {error.message} (schema: {schema})")
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine("integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(base, type_checker=checker)(schema, **kwargs)
+
+
+def violation(check: Any, value: Any, at: tuple[str, ...] = ()) -> str | None:
+    """``key: problem`` of the most relevant violation of ``value`` (found at key path ``at``); a rule written
+    as a combination of schemas is stated by its description."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(check.iter_errors(value))
+    if error is None:
+        return None
+    problem = error.message
+    if error.validator in ("not", "anyOf", "oneOf") and "description" in error.schema:
+        problem = f"{error.instance!r} is not allowed: {error.schema['description']}"
+    return f"{key_path([*at, *error.absolute_path])}: {problem}"
+
+
+def validate(config: dict, schema: str | os.PathLike = SCHEMA) -> None:
+    """Raise a ``UserError`` naming the key of the most relevant schema violation of ``config``."""
+    problem = violation(validator(strict_yaml.load(_schema_path(schema))), config)
+    if problem is not None:
+        raise UserError(f"{problem} (schema: {schema})")
+
+
+def non_finite(value: Any, key: str = "") -> Iterator[str]:
+    """Key paths of the NaN / ±inf numbers in a nested config."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield key
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from non_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from non_finite(v, f"{key}[{i}]")
+
+
+def check_settings(settings: dict, flag: str = "--settings", schema: str | os.PathLike = SCHEMA) -> None:
+    """A job's resolved settings (``sidcore.settings``) held to the bounds config.yaml's schema gives each of
+    their blocks, and to finite numbers: a ``UserError`` naming ``flag`` and the key."""
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    bad = list(non_finite(settings))
+    if bad:
+        raise UserError(f"{flag}: {bad[0]}: NaN or infinity is not a usable value")
+    root = strict_yaml.load(_schema_path(schema))
+    registry = Registry().with_resource(SCHEMA_ID, Resource.from_contents(root, default_specification=DRAFT202012))
+    dataset = root["$defs"]["dataset"]["properties"]
+    where = {k: f"#/$defs/dataset/properties/{k}" for k in dataset if k not in NOT_SETTINGS} | SETTINGS_BLOCKS
+    for key, value in settings.items():
+        if key == "method" and value not in METHODS:
+            raise UserError(f"{flag}: method: {value!r} is not one of {', '.join(METHODS)}")
+        if key in where and value is not None:  # None: a block this run has not (init, size)
+            problem = violation(validator({"$ref": SCHEMA_ID + where[key]}, registry=registry), value, (key,))
+            if problem is not None:
+                raise UserError(f"{flag}: {problem}")
+
+
+def _schema_path(schema: str | os.PathLike) -> Path:
+    """``schema``, relative to the working directory or else to the checkout sidcore is installed from."""
+    path = Path(schema)
+    return path if path.exists() or path.is_absolute() else Path(__file__).resolve().parents[1] / path
 
 
 def read(path: str | os.PathLike) -> dict:

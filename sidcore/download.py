@@ -82,6 +82,8 @@ def fetch(
     """
     art = source if isinstance(source, Artifact) else lookup(source, kind)
     out = Path(out)
+    if out.is_dir():
+        raise DownloadError(f"{out}: a directory is in the way of the file to download")
     lock_file = Path(lock_file) if lock_file is not None else None
     label = art.key or art.url.rsplit("/", 1)[-1]
     expected, _ = _expected(art, lock_file)

@@ -20,5 +20,8 @@ def debugging() -> bool:
 
 
 def message(error: Exception) -> str:
-    """The sentence of an error (a ``KeyError``-like one without the quotes ``str`` adds)."""
+    """The sentence of an error: an OS error's names its file; a ``KeyError``-like one drops the quotes ``str``
+    adds."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
     return error.args[0] if error.args else str(error)

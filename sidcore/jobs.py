@@ -26,11 +26,12 @@ def distill(settings: dict, *, teacher: str, data: str, refs: str, detector_weig
     event files)."""
     from sidcore.distill import Distiller
     from sidcore.evaluate import TRAINING_METRICS, Evaluator, generator_sampler
-    from sidcore.preflight import check_evaluation
+    from sidcore.preflight import check_evaluation, check_schedule
     if (settings["init"] is None) != (init is None):
         raise UserError(f"datasets.{settings['dataset']}.methods.{settings['method']}.init={settings['init']!r} "
                         f"but --init was {'not ' if init is None else ''}given")
     check_evaluation(settings)
+    check_schedule(settings)
     Path(outdir).mkdir(parents=True, exist_ok=True)
     ctx = init_from_env()
     try:

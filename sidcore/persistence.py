@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from sidcore import checkpoint
 from sidcore.errors import UserError
 from sidcore.safe_pickle import RestrictedUnpickler, UnsafePickleError, numpy_array_globals
 
@@ -107,7 +108,10 @@ def _load_storage(blob: bytes) -> Any:
     """``torch.storage._load_from_bytes``: the storage blob is itself read with ``weights_only=True``."""
     if not isinstance(blob, bytes):
         raise UnsafePickleError("storage payload is not bytes")
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — said without torch's advice to load it unsafely
+        raise UnsafePickleError(f"a tensor storage that is not plain data ({checkpoint.refusal_reason(e)})") from None
 
 
 def _rebuild_tensor(storage: Any, offset: int, size: tuple, stride: tuple, requires_grad: bool = False,
@@ -287,7 +291,6 @@ def convert_to_snapshot(src: str, out: str, key: str = "ema", network: dict | No
                         sampling: dict | None = None, log=print) -> None:
     """Write an NVIDIA persistence pickle's network (entry ``key``) as one of our network snapshots; a one-step
     generator's with how to sample it (``sampling``: ``init_sigma``, and ``vae`` where latent)."""
-    from sidcore import checkpoint
     from sidcore.download import sha256_file
     net, settings = convert(src, key, network)
     sampling = sampling or {}

@@ -6,7 +6,14 @@ import hashlib
 import json
 from pathlib import Path
 
-from sidcore.settings import network_settings
+from sidcore.errors import UserError
+from sidcore.settings import loads, network_settings
+
+COMMON_KEYS = ("stage", "dataset", "table", "gpus", "outputs", "network", "detector", "metrics", "latent")
+STAGE_KEYS = {"distill": ("run_dir", "method", "alpha", "duration_kimg", "tick_kimg", "batch", "eval_images",
+                          "snap_ticks", "eval_early_ticks", "eval_first_tick"),
+              "evaluate": ("model", "teacher_steps", "num_images"),
+              "encode": ("source",)}
 
 
 def _common(settings: dict, stage: str, gpus: int, outputs: list[str]) -> dict:
@@ -36,6 +43,21 @@ def evaluation_job(settings: dict, gpus: int, model: str, outputs: list[str]) ->
 def encode_job(settings: dict, gpus: int, output: str) -> dict:
     """The VAE encoding of a latent dataset's image folder into ``output``."""
     return {**_common(settings, "encode", gpus, [output]), "source": settings["data"]["path"]}
+
+
+def loads_jobs(text: str, flag: str) -> list[dict]:
+    """The jobs of ``dumps``, each with the keys its stage's description has."""
+    jobs = loads(text, flag).get("jobs")
+    if not isinstance(jobs, list):
+        raise UserError(f"{flag}: a JSON object with a list 'jobs' (the workflow writes it), not {text[:60]!r}")
+    for number, job in enumerate(jobs):
+        stage = job.get("stage") if isinstance(job, dict) else None
+        if stage not in STAGE_KEYS:
+            raise UserError(f"{flag}: jobs[{number}] is not a job of a stage {', '.join(STAGE_KEYS)}")
+        missing = [key for key in COMMON_KEYS + STAGE_KEYS[stage] if key not in job]
+        if missing:
+            raise UserError(f"{flag}: jobs[{number}] ({stage}) without {', '.join(map(repr, missing))}")
+    return jobs
 
 
 def dumps(jobs: list[dict]) -> str:

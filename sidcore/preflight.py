@@ -1,17 +1,18 @@
 """What a job would refuse, refused before any job starts.
 
 The workflow runs ``check_config`` on config.yaml when Snakemake loads it, and the checks of one run's
-resolved settings (``check_distill``, ``check_evaluation``, ``check_data_source``, ``check_data_shape``)
-both there, for every configured run, and in the commands themselves, so the two cannot drift. Every error
+resolved settings (``check_distill``, ``check_schedule``, ``check_evaluation``, ``check_data_source``,
+``check_data_shape``) both there, for every configured run, and in the commands themselves, so the two cannot
+drift. Every error
 names the config key. Nothing here imports torch: Snakemake runs it on the login node at every call.
 """
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from typing import Any
 
+from sidcore.config import non_finite
 from sidcore.errors import UserError
 from sidcore.methods import alpha_text
 from sidcore.settings import AUGMENT_DIM, batch_arithmetic, num_blocks
@@ -27,18 +28,6 @@ def where(settings: dict) -> str:
     elif "method" in settings:
         key += f".methods.{settings['method']} (alpha {settings['alpha']})"
     return key
-
-
-def non_finite(value: Any, key: str = "") -> Iterator[str]:
-    """Key paths of the NaN / ±inf numbers in a nested config."""
-    if isinstance(value, float) and not math.isfinite(value):
-        yield key
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from non_finite(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from non_finite(v, f"{key}[{i}]")
 
 
 def check_config(config: dict) -> None:
@@ -120,6 +109,22 @@ def check_distill(settings: dict, world_size: int) -> tuple[int, int]:
     except ValueError as e:
         raise UserError(f"{key} with {world_size} processes (cluster.jobs.distill: nodes × gpus_per_node): "
                         f"{e}") from None
+
+
+def check_schedule(settings: dict) -> None:
+    """A configured run whose schedule ends before it matters: SiDA's / SiD²A's generator or adversarial stage
+    starting at or after the run's end (SiD has no stages), or in-training evaluation starting after the last
+    tick. (The library runs such a schedule, e.g. to watch the discriminator against a frozen generator; the
+    workflow and ``sidcore distill`` do not.)"""
+    d, key = settings["distill"], where(settings)
+    if settings["adversarial"] and max(d.stage_kimg) >= d.duration_kimg:
+        what = "the generator" if d.stage_kimg[0] >= d.duration_kimg else "the adversarial loss"
+        raise UserError(f"{key}: distill.stage_kimg={list(d.stage_kimg)} starts {what} at or after the run's end "
+                        f"(duration_kimg {d.duration_kimg}), so it would never train")
+    ticks = math.ceil(d.duration_kimg / d.tick_kimg)
+    if d.eval_first_tick > ticks:
+        raise UserError(f"{key}: distill.eval_first_tick={d.eval_first_tick} is past the run's last tick ({ticks} "
+                        f"ticks of {d.tick_kimg} kimg): only the end would be evaluated")
 
 
 def check_evaluation(settings: dict) -> None:

@@ -13,6 +13,7 @@ import json
 import math
 from typing import Any, TypeVar
 
+from sidcore.config import check_settings
 from sidcore.errors import UserError
 from sidcore.methods import ADVERSARIAL, alpha_text
 
@@ -234,9 +235,27 @@ def dumps(settings: dict) -> str:
     return json.dumps(plain(settings), sort_keys=True, separators=(",", ":"))
 
 
-def from_json(text: str) -> dict[str, Any]:
-    """A job's settings given with ``--settings``, their blocks typed."""
-    return typed(loads(text, "--settings"))
+# The settings each command reads (what ``resolve`` and ``for_stage`` give its job; optional ones aside).
+NEEDS = {
+    "prepare-data": ("dataset", "data", "resolution", "channels", "label_dim"),
+    "train-teacher": ("dataset", "resolution", "channels", "label_dim", "network", "teacher"),
+    "distill": ("dataset", "study", "method", "alpha", "adversarial", "init", "resolution", "channels", "label_dim",
+                "network", "distill", "evaluation", "metrics", "detector"),
+    "evaluate": ("dataset", "resolution", "channels", "label_dim", "detector", "metrics", "evaluation"),
+    "figure": ("dataset", "resolution", "channels", "label_dim"),
+}
+
+
+def from_json(text: str, command: str) -> dict[str, Any]:
+    """The settings ``command`` is given with ``--settings``: with what it reads (``NEEDS``), held to
+    config.yaml's schema, their blocks typed."""
+    value = loads(text, "--settings")
+    missing = [key for key in NEEDS[command] if key not in value]
+    if missing:
+        raise UserError(f"--settings: without {', '.join(map(repr, missing))}, which {command} reads (the workflow "
+                        "gives each job its resolved settings)")
+    check_settings(value)
+    return typed(value)
 
 
 def loads(text: str, flag: str) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def test_prepare_edm_zip_checks_layout(tmp_path, capsys):
         zf.writestr("readme.txt", "no images")
     bad_settings = settings(tmp_path, {"source": "edm-zip", "path": str(bad)})
     assert_user_error(capsys, "bad.zip", ["prepare-data", "--settings", bad_settings, "--out", str(out)])
-    assert_user_error(capsys, "datasets.toy.data.path",
+    assert_user_error(capsys, "--settings: data: 'path' is a required property",
                       ["prepare-data", "--settings", settings(tmp_path, {"source": "edm-zip"}), "--out", str(out)])
     other = settings(tmp_path, {"source": "edm-zip", "path": str(good)}, resolution=8)
     assert_user_error(capsys, r"datasets.toy: config says channels/resolution/label_dim = \(3, 8, 3\)",

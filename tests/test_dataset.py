@@ -116,7 +116,7 @@ def test_image_folder_errors_name_the_path(tmp_path):
 
 
 def test_prepare_data_command_for_an_image_folder(folder, tmp_path):
-    settings = {"dataset": "toy", "resolution": 8,
+    settings = {"dataset": "toy", "resolution": 8, "channels": 3, "label_dim": 0,
                 "data": {"source": "image-folder", "path": str(folder), "transform": "resize", "labels": False}}
     assert cli.main(["prepare-data", "--settings", json.dumps(settings), "--out", str(tmp_path / "t.zip")]) == 0
     ds = read_image_zip(tmp_path / "t.zip")

@@ -21,8 +21,8 @@ datasets:
     evaluation: {num_images: 256, batch: 256}
     distill: {duration_kimg: 0.768, tick_kimg: 0.192, stage_kimg: [0.192, 0.384], snap_ticks: 2,
               eval_early_ticks: [0], dump_ticks: 2, eval_images: 128}
-    methods: {sid2a: {distill: {duration_kimg: 0.768}}}
-    ablation: {alphas: [0.0, 1.0], distill: {duration_kimg: 0.384}}
+    methods: {sid2a: {distill: {duration_kimg: 0.768, stage_kimg: [0.192, 0.384]}}}
+    ablation: {alphas: [0.0, 1.0], distill: {duration_kimg: 0.384, stage_kimg: [0.096, 0.192]}}
 """
 STUDIES = ("results/plots/alpha-ablation-tiny.png", "results/tables/cost.csv", "results/claims/tiny.csv")
 

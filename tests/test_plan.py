@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sidcore import checkpoint, plan
 from sidcore.dataset import write_image_zip
 from sidcore.distill import Distiller
+from sidcore.errors import UserError
 from sidcore.methods import METHOD_NAMES, alpha_text
 from sidcore.networks import build_network
 from sidcore.report import bill
@@ -109,6 +110,20 @@ def test_a_run_under_way_is_billed_from_its_own_log_for_what_remains(tmp_path):
     assert row["work left"].startswith("500 of 1,000 kimg")
     training_hours = 500 * 2.0 * 2 / 8 / 3600  # its rate on 2 processes, spread over the 8 GPUs configured
     assert training_hours < row["hours"] < training_hours * 1.5
+
+
+def test_the_jobs_a_bill_reads_are_the_jobs_the_workflow_describes(tmp_path):
+    """``sidcore plan --jobs`` takes exactly what the job builders write, and names what a job lacks."""
+    s = resolve(CONFIG, "cifar10-uncond")
+    jobs = [distill_job(tmp_path), plan.evaluation_job(s, 1, "teacher", ["r.json"])]
+    for described in jobs:
+        assert set(described) == set(plan.COMMON_KEYS + plan.STAGE_KEYS[described["stage"]])
+    assert plan.loads_jobs(plan.dumps(jobs), "--jobs") == json.loads(plan.dumps(jobs))["jobs"]
+    with pytest.raises(UserError, match=r"--jobs: jobs\[1\] \(evaluate\) without 'num_images'"):
+        plan.loads_jobs(json.dumps({"jobs": [jobs[0], {k: v for k, v in jobs[1].items() if k != "num_images"}]}),
+                        "--jobs")
+    with pytest.raises(UserError, match="--jobs: a JSON object with a list 'jobs'"):
+        plan.loads_jobs("{}", "--jobs")
 
 
 def test_finished_jobs_are_not_billed_and_evaluations_count_missing_runs(tmp_path):

@@ -243,7 +243,7 @@ def test_plot_rejects_log_without_fid_and_bad_runs(tmp_path: Path) -> None:
     assert not (tmp_path / "p.png").exists()
     with pytest.raises(ValueError, match="method must be one of"):
         plot.parse_run("teacher", "1.0", str(good))
-    with pytest.raises(ValueError, match="α is not a number"):
+    with pytest.raises(ValueError, match="α .one. is not a number"):
         plot.parse_run("sid", "one", str(good))
 
 

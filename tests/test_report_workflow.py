@@ -71,9 +71,9 @@ def write_fixtures(work: Path, config: dict) -> list[dict]:
         path.write_text(json.dumps(summary))
         summaries.append(summary)
         if model["source"] == "ours" and model["method"] != "teacher":
-            log = [{"kimg": kimg, "fid": 100.0 / (1 + kimg) + summary["metrics"]["fid"]["mean"]}
-                   for kimg in (0.0, 10.0, 100.0, 1000.0)]
-            log.insert(2, {"kimg": 50.0})  # a tick without evaluation
+            log = [{"tick": tick, "kimg": kimg, "fid": 100.0 / (1 + kimg) + summary["metrics"]["fid"]["mean"]}
+                   for tick, kimg in enumerate((0.0, 10.0, 100.0, 1000.0))]
+            log.insert(2, {"tick": 2, "kimg": 50.0})  # a tick without evaluation
             (work / model["dir"] / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log))
     return summaries
 

@@ -82,6 +82,15 @@ def overlay(workdir: Path, text: str) -> str:
     ("datasets: {tiny: {ablation: {methods: [dmd]}}}", "dmd"),
     ("datasets: {tiny: {ablation: {alphas: [1.0, 1.0]}}}", "datasets.tiny.ablation.alphas"),
     ("figures: {rows: 0}", "rows"),
+    # numbers bounded to what can run (the job would fail or never end)
+    ("datasets: {tiny: {distill: {batch: 64.0}}}", "datasets.tiny.distill.batch: 64.0 is not of type 'integer'"),
+    ("datasets: {tiny: {distill: {seed: 1180591620717411303424}}}", "datasets.tiny.distill.seed"),
+    ("datasets: {tiny: {distill: {batch: 1000000000000000000000000000000}}}", "is greater than the maximum of 65536"),
+    ("datasets: {tiny: {distill: {duration_kimg: 1.0e+308}}}", "datasets.tiny.distill.duration_kimg"),
+    ("datasets: {tiny: {label_dim: 1000000000000}}", "datasets.tiny.label_dim"),
+    ("figures: {rows: 1000000000}", "figures.rows: 1000000000 is greater than the maximum of 64"),
+    ("datasets: {tiny: {methods: {sid: {alphas: [1.0e-5]}}}}", "1e-05 is not allowed: α in [0, 10], 0 or at least"),
+    ("evaluation: {runs: 1000}", "evaluation.runs"),
 ])
 def test_bad_config_fails_before_any_job_naming_the_key(workdir, text, key):
     assert_refused(snakemake(workdir, "--configfile", overlay(workdir, text)), key)
@@ -122,6 +131,9 @@ def test_a_config_value_never_runs_as_shell_code(workdir, key, text):
     ("datasets: {tiny: {evaluation: {num_images: 100000000, batch: 1}}}", "datasets.tiny.evaluation"),
     ("datasets: {imagenet64-cond: {data: {path: /no/such/imagenet}}}", "datasets.imagenet64-cond.data.path"),
     ("datasets: {tiny: {ablation: {distill: {stage_kimg: [4, 2]}}}}", "datasets.tiny.ablation (sida, alpha 0.0)"),
+    ("datasets: {tiny: {methods: {sida: {distill: {stage_kimg: [2, 20]}}}}}",
+     "datasets.tiny.methods.sida (alpha 1.0): distill.stage_kimg=[2, 20] starts the adversarial loss at or after"),
+    ("datasets: {tiny: {distill: {eval_first_tick: 11}}}", "distill.eval_first_tick=11 is past the run's last tick"),
 ])
 def test_values_no_job_could_run_fail_the_plan_naming_the_key(workdir, text, key):
     """Each is refused by `snakemake -n` before any job, by the checks the jobs themselves make."""

@@ -5,8 +5,9 @@ conversions, detectors and reference statistics; ``report``: summaries, tables, 
 ``tools``: benchmark and launcher). Each adds its subparsers in ``register`` and imports the library
 only inside the function that runs a command, so a job pays for the libraries it uses and no more.
 
-A ``UserError`` (bad config, file, flag, download) is printed as its message, without a traceback, and
-the command exits with status 2; ``--debug`` or ``SIDCORE_DEBUG=1`` shows the traceback.
+A ``UserError`` (bad config, file, flag, download) or an OS error on a file it reads or writes is printed as
+one sentence naming it, without a traceback, and the command exits with status 2; ``--debug`` or
+``SIDCORE_DEBUG=1`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def run(argv: list[str]) -> int:
         os.environ.update(OFFLINE_ENV)
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError) as e:  # a missing input file is the user's to provide
+    except (UserError, OSError) as e:  # a file that is missing, a directory, unwritable, or named too long
         if args.debug or debugging():
             raise
         print(f"sidcore {args.subcommand}: error: {message(e)}", file=sys.stderr)

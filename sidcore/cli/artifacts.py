@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sidcore.cli.checks import NON_NEGATIVE, POSITIVE, SEED, output, positive_number
+
 DEFAULT_LOCK = Path("resources/artifacts.lock.json")
 
 
@@ -44,15 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="PATH", help="destination file")
     p.add_argument("--lock", type=Path, default=DEFAULT_LOCK, metavar="PATH",
                    help="lock file pinning sha256 digests (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=5,
+    p.add_argument("--retries", type=NON_NEGATIVE, default=5,
                    help="retries of a failed attempt that made no progress (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=60.0, help="socket time-out in seconds (default: %(default)s)")
+    p.add_argument("--timeout", type=positive_number, default=60.0,
+                   help="socket time-out in seconds (default: %(default)s)")
     p.add_argument("--kind", help="content kind of a plain URL (sidcore/content.py KINDS; default: by its extension)")
     p.set_defaults(func=download)
 
     p = subparsers.add_parser("convert-network", help="NVIDIA persistence pickle -> sidcore network snapshot")
     p.add_argument("--src", required=True, help="the downloaded .pkl")
-    p.add_argument("--out", required=True, help="the snapshot .pt to write")
+    p.add_argument("--out", required=True, type=output("checkpoint"), help="the snapshot .pt to write")
     p.add_argument("--key", default="ema", help="top-level entry holding the network (default: ema)")
     p.add_argument("--network", help="constructor settings (JSON) of the network to build, as config.yaml "
                                      "describes it (default: the settings the file records)")
@@ -63,15 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train-detector",
                               help="train the digit classifier used as FID/IS detector (tiny experiment)")
     p.add_argument("--data", required=True, help="labelled EDM-layout zip of 8x8 grayscale digits")
-    p.add_argument("--out", required=True, help="checkpoint path to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--out", required=True, type=output("checkpoint"), help="checkpoint path to write")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--epochs", type=POSITIVE, default=20)
     p.set_defaults(func=train_detector)
 
     p = subparsers.add_parser("ref-stats", help="FID reference statistics (EDM npz layout) of a dataset zip")
     p.add_argument("--data", required=True, help="EDM-layout image zip")
     p.add_argument("--detector", required=True, help="detector name (sidcore.metrics.DETECTORS)")
     p.add_argument("--detector-weights", required=True, help="local weights file of the detector")
-    p.add_argument("--out", required=True, help="output .npz path")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--out", required=True, type=output("NPZ"), help="output .npz path")
+    p.add_argument("--batch", type=POSITIVE, default=256)
     p.set_defaults(func=ref_stats)

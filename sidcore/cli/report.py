@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sidcore.cli.checks import GRID_MAX, SEED, integer, output
 from sidcore.methods import METHODS
 
 
@@ -13,11 +14,9 @@ def _log(msg: str) -> None:
 
 
 def summarize(args: argparse.Namespace) -> int:
-    import json
-
+    from sidcore.summary import read_run, write_json
     from sidcore.summary import summarize as mean_std
-    from sidcore.summary import write_json
-    runs = [json.loads(Path(p).read_text()) for p in args.runs]
+    runs = [read_run(p) for p in args.runs]
     summary = mean_std(runs, args.table, args.std_ddof)
     write_json(summary, args.out)
     _log(", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary["metrics"].items())
@@ -58,9 +57,10 @@ def cost(args: argparse.Namespace) -> int:
 
 
 def plan(args: argparse.Namespace) -> int:
+    from sidcore.plan import loads_jobs
     from sidcore.report.bill import write
     from sidcore.settings import loads
-    jobs, networks = loads(args.jobs, "--jobs")["jobs"], loads(args.networks, "--networks")
+    jobs, networks = loads_jobs(args.jobs, "--jobs"), loads(args.networks, "--networks")
     write(args.table, jobs, networks, args.csv, args.markdown, log=_log)
     return 0
 
@@ -68,8 +68,8 @@ def plan(args: argparse.Namespace) -> int:
 def figure(args: argparse.Namespace) -> int:
     from sidcore.report.figure import write
     from sidcore.settings import from_json
-    write(from_json(args.settings), args.generator, args.teacher, args.data, args.vae, args.seed, args.rows, args.cols,
-          args.out, log=_log)
+    write(from_json(args.settings, "figure"), args.generator, args.teacher, args.data, args.vae, args.seed, args.rows,
+          args.cols, args.out, log=_log)
     return 0
 
 
@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--std-ddof", type=int, required=True, choices=(0, 1),
                    help="degrees of freedom of the std (1: sample standard deviation)")
     p.add_argument("--runs", nargs="+", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=output("JSON"))
     p.set_defaults(func=summarize)
 
     p = subparsers.add_parser("tabulate", help="compare evaluation summaries with the paper's numbers",
@@ -161,9 +161,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", help="the teacher's .pt (needs teacher_eval in the settings)")
     p.add_argument("--data", required=True, help="the dataset's zip (its label distribution)")
     p.add_argument("--vae", help="VAE directory (latent-space datasets)")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--rows", type=int, required=True)
-    p.add_argument("--cols", type=int, required=True)
+    p.add_argument("--seed", type=SEED, required=True)
+    p.add_argument("--rows", type=integer(1, GRID_MAX), required=True)
+    p.add_argument("--cols", type=integer(1, GRID_MAX), required=True)
     _outputs(p, "--out", "PNG")
     p.set_defaults(func=figure)
 
@@ -189,4 +189,4 @@ def _runs(p: argparse.ArgumentParser, help: str) -> None:
 def _outputs(p: argparse.ArgumentParser, *flags_and_formats: str) -> None:
     """Required output paths: pairs of flag and file format."""
     for flag, kind in zip(flags_and_formats[::2], flags_and_formats[1::2]):
-        p.add_argument(flag, required=True, type=Path, help=f"{kind} to write")
+        p.add_argument(flag, required=True, type=output(kind), help=f"{kind} to write")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from sidcore.cli.checks import output
+
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
@@ -15,14 +17,14 @@ def _log(msg: str) -> None:
 def prepare_data(args: argparse.Namespace) -> int:
     from sidcore.prepare import prepare_data as prepare
     from sidcore.settings import from_json
-    prepare(from_json(args.settings), args.out, archive=args.archive, vae=args.vae, log=_log)
+    prepare(from_json(args.settings, "prepare-data"), args.out, archive=args.archive, vae=args.vae, log=_log)
     return 0
 
 
 def train_teacher(args: argparse.Namespace) -> int:
     from sidcore.settings import from_json
     from sidcore.teacher import train_teacher as train
-    train(from_json(args.settings), args.data, args.out, log=_log)
+    train(from_json(args.settings, "train-teacher"), args.data, args.out, log=_log)
     return 0
 
 
@@ -30,7 +32,7 @@ def distill(args: argparse.Namespace) -> int:
     from sidcore.jobs import distill as run
     from sidcore.settings import from_json
     from sidcore.tensorboard import require
-    settings = from_json(args.settings)
+    settings = from_json(args.settings, "distill")
     if args.tensorboard:
         require()  # the optional package, before any work
     return run(settings, teacher=args.teacher, data=args.data, refs=args.refs,
@@ -41,7 +43,7 @@ def distill(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from sidcore.jobs import evaluate as run
     from sidcore.settings import from_json
-    return run(from_json(args.settings), model=args.model, kind=args.kind, data=args.data, refs=args.refs,
+    return run(from_json(args.settings, "evaluate"), model=args.model, kind=args.kind, data=args.data, refs=args.refs,
                detector_weights=args.detector_weights, outdir=args.outdir, vae=args.vae,
                dinov2_weights=args.dinov2_weights, pr_reference=args.pr_reference, released=args.released, log=_log)
 
@@ -59,13 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         return p
 
     p = add("prepare-data", prepare_data, "build a dataset zip in EDM's layout")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=output("zip"))
     p.add_argument("--archive", help="the downloaded archive (cifar10-archive)")
     p.add_argument("--vae", help="VAE directory (vae-latents)")
 
     p = add("train-teacher", train_teacher, "train an EDM teacher with EDM's loss")
     p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=output("checkpoint"))
 
     p = add("distill", distill, "SiD / SiDA / SiD²A distillation (resumes from --outdir)")
     for flag in ("--teacher", "--data", "--refs", "--detector-weights", "--outdir"):
@@ -75,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_inputs(p)
 
     p = subparsers.add_parser("ddp-check", help="all-reduce across the job's processes (checks a launch set-up)")
-    p.add_argument("--out", required=True, help="JSON written by rank 0: world size, backend, sum, ranks")
+    p.add_argument("--out", required=True, type=output("JSON"),
+                   help="JSON written by rank 0: world size, backend, sum, ranks")
     p.set_defaults(func=ddp_check)
 
     p = add("evaluate", evaluate, "the evaluation runs of a generator or teacher (writes OUTDIR/run{r}.json; "

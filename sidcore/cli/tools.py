@@ -7,6 +7,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from sidcore.cli.checks import POSITIVE
+
 
 def benchmark(args: argparse.Namespace) -> int:
     from sidcore import benchmark as bench
@@ -50,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="eager, one lever of config.yaml's `engine`, or all of them (default: each)")
     p.add_argument("--evaluation", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure evaluation throughput (default: yes)")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median; after a warm-up)")
+    p.add_argument("--repeats", type=POSITIVE, default=10, help="timed calls per measurement (median; after a warm-up)")
     p.add_argument("--out", help="also write the rows as JSON")
     p.add_argument("--profiles", help="folder for a profile of one iteration of each configuration")
     p.add_argument("--only", help=argparse.SUPPRESS)  # layout:method|evaluation:engine, measured in this process

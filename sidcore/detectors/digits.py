@@ -196,6 +196,10 @@ def train_detector(data_path: str, out: str, seed: int = 0, epochs: int = 20, lo
     data = read_image_zip(data_path)
     if data.labels is None:
         raise UserError(f"{data_path}: the classifier needs a labelled dataset")
+    counts = torch.bincount(data.labels, minlength=data.label_dim)
+    if int(counts.min()) < 2:
+        raise UserError(f"{data_path}: the classifier's held-out split needs at least 2 images of every class; "
+                        f"class {int(counts.argmin())} has {int(counts.min())}")
     start = time.perf_counter()
     net, test_accuracy = train_digit_classifier(data.load(torch.arange(len(data))), data.labels, seed=seed,
                                                 epochs=epochs)

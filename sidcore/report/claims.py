@@ -16,7 +16,6 @@ in advance (below), with the measured numbers and whether it held.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sidcore.errors import UserError
-from sidcore.methods import METHODS, alpha_text, method_label
+from sidcore.methods import METHODS, alpha_text, checked_run, method_label
 from sidcore.report import markdown
 from sidcore.report.logs import evaluated, read_log
 from sidcore.report.plot import save_atomic
+from sidcore.summary import read_summary
 
 R2_MIN = 0.90  # (a)
 REACH = 1.1    # (c): F* = REACH × SiD's lowest in-training FID
@@ -54,11 +54,12 @@ class Run:
 
 
 def load_run(method: str, alpha: str, log: str, summary: str | None) -> Run:
+    method, alpha = checked_run(method, alpha, f"--run {method} {alpha} {log}")
     points = evaluated(read_log(log), "fid", log)
-    run = Run(method, float(alpha), [r["kimg"] * 1000 for r in points], [float(r["fid"]) for r in points],
+    run = Run(method, alpha, [r["kimg"] * 1000 for r in points], [float(r["fid"]) for r in points],
               [r["tick"] for r in points])
     if summary is not None:
-        fid = json.loads(Path(summary).read_text())["metrics"]["fid"]
+        fid = read_summary(summary, "fid", ("metrics",))["metrics"]["fid"]
         run.mean, run.std = fid["mean"], fid["std"]
     return run
 
@@ -178,7 +179,7 @@ def figure(teacher: dict, sid: list[Run], sida: Run, sid2a: list[Run], init: Run
 def write(teacher_summary: Path, run_specs: list[tuple[str, str, str, str]], sid2a_init_alpha: float,
           ablation_specs: list[tuple[str, str]], title: str, csv: Path, md: Path, png: Path, log=print) -> None:
     """Claims (a)-(e) on one experiment: table (CSV, Markdown) and figure (PNG)."""
-    teacher = json.loads(teacher_summary.read_text())
+    teacher = read_summary(teacher_summary, "fid", ("metrics", "nfe"))
     teacher = {"nfe": teacher["nfe"], **{k: teacher["metrics"]["fid"][k] for k in ("mean", "std")}}
     runs = [load_run(*values) for values in run_specs]
     by = {m: [r for r in runs if r.method == m] for m in METHODS}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from sidcore.errors import UserError
-from sidcore.methods import METHOD_NAMES, alpha_text
+from sidcore.methods import METHOD_NAMES, alpha_text, checked_run
 from sidcore.report import markdown, paper
 from sidcore.report.logs import read_log
 
@@ -78,7 +78,8 @@ def _int(entry: dict | None, key: str) -> int | str:
 def write(run_specs: list[tuple[str, str, str, str, str, str]], csv: Path, md: Path, log=print) -> None:
     """The cost table of the runs ``(dataset, table, method, α, log.jsonl, benchmark)`` (CSV, Markdown)."""
     papers = paper_costs()
-    rows = [row(d, t, m, float(a), Path(log), Path(bench), papers) for d, t, m, a, log, bench in run_specs]
+    rows = [row(d, t, *checked_run(m, a, f"--run {d} {t} {m} {a}"), Path(log), Path(bench), papers)
+            for d, t, m, a, log, bench in run_specs]
     frame = pd.DataFrame(rows)
     notes = ["Ours: s / 1k images is the median over the log's ticks after the first, without in-training "
              "evaluations; memory is rank 0's peak (CUDA max allocated, or the resident set size on a CPU); "

@@ -6,16 +6,21 @@ from pathlib import Path
 
 from sidcore.errors import UserError
 
+TICK_KEYS = ("tick", "kimg")  # what every record of a progress log has
+
 
 def read_log(path: str | Path) -> list[dict]:
     """The tick records of ``path``, in order."""
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 raise UserError(f"{path}, line {number}: not a JSON record") from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), (int, float)) for k in TICK_KEYS):
+                raise UserError(f"{path}, line {number}: not a tick record (it needs {' and '.join(TICK_KEYS)})")
+            records.append(record)
     if not records:
         raise UserError(f"{path}: no tick records")
     return records

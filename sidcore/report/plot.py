@@ -6,7 +6,6 @@ the same method and α), both looked up in ``sidcore/data/paper_results.csv``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -15,23 +14,18 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 from sidcore.atomic import atomic_path
-from sidcore.errors import UserError
-from sidcore.methods import METHODS, method_label
+from sidcore.methods import METHODS, checked_run, method_label
 from sidcore.report import paper
 from sidcore.report.logs import curve, read_log
 from sidcore.report.paper import PaperEntry
+from sidcore.summary import read_summary
 
 Run = tuple[str, float, Path]  # method, α, log.jsonl
 
 
 def parse_run(method: str, alpha: str, log: str) -> Run:
     """Check one ``--run METHOD ALPHA LOG``."""
-    if method not in METHODS:
-        raise UserError(f"--run {method} {alpha} {log}: method must be one of {', '.join(METHODS)}")
-    try:
-        return method, float(alpha), Path(log)
-    except ValueError:
-        raise UserError(f"--run {method} {alpha} {log}: α is not a number") from None
+    return (*checked_run(method, alpha, f"--run {method} {alpha} {log}"), Path(log))
 
 
 def paper_fids(table: str, size: str) -> tuple[list[PaperEntry], list[PaperEntry]]:
@@ -49,7 +43,7 @@ def _printed(entry: PaperEntry) -> str:
 def _teacher_lines(axes: Axes, summary: Path | None, entries: list[PaperEntry]) -> None:
     """Dashed teacher lines: ours from its evaluation summary, else the paper's (one per NFE it reports)."""
     if summary is not None:
-        teacher = json.loads(Path(summary).read_text())
+        teacher = read_summary(summary, "fid", ("metrics", "nfe"))
         fid = teacher["metrics"]["fid"]["mean"]
         lines = [(fid, f"Teacher, {teacher['nfe']} NFE (ours): {fid:.3f}")]
     else:

@@ -7,7 +7,6 @@ paper row it is paired with. Summaries that match no paper row (a new α or data
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -19,6 +18,7 @@ from sidcore.errors import UserError
 from sidcore.methods import METHOD_NAMES, alpha_text, method_label, model_label
 from sidcore.report import markdown, paper
 from sidcore.report.paper import PaperEntry
+from sidcore.summary import read_summary
 
 METRIC_LABELS = {"fid": "FID", "is": "IS", "precision": "Precision", "recall": "Recall",
                  "fd_dinov2": "FD_DINOv2"}
@@ -56,7 +56,7 @@ def load_summaries(paths: list[Path], table: str) -> list[dict]:
     """Read evaluation summaries, checking that each belongs to ``table``."""
     summaries = []
     for path in paths:
-        summary = json.loads(Path(path).read_text())
+        summary = read_summary(path)
         check_summary(summary, table, str(path))
         summaries.append(summary)
     return summaries
@@ -225,5 +225,8 @@ def write(table: str, summary_paths: list[Path], csv: Path, md: Path) -> None:
     """The comparison table of ``table`` from its summaries, as CSV and Markdown."""
     summaries = load_summaries(summary_paths, table)
     frame = tabulate(table, summaries)
+    if frame.empty:
+        raise UserError(f"table {table!r}: no summaries given and no paper numbers for it (tables with paper "
+                        f"numbers: {', '.join(sorted(tables.TABLES))}); nothing to tabulate")
     with_paper = "paper source" in frame.columns
     markdown.save(frame, csv, md, tables.table(table).heading, notes(summaries, with_paper=with_paper))

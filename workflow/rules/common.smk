@@ -79,9 +79,9 @@ def check_config() -> None:
         job = cluster_job(config, name, "distill")
         for study in STUDIES:
             for method, alpha in runs(name, study):
-                preflight.check_distill(
-                    resolve(config, name, method, alpha, study), job["nodes"] * job["gpus_per_node"]
-                )
+                settings = resolve(config, name, method, alpha, study)
+                preflight.check_distill(settings, job["nodes"] * job["gpus_per_node"])
+                preflight.check_schedule(settings)
         job = cluster_job(config, name, "encode")
         if job["nodes"] * job["gpus_per_node"] != 1:
             raise UserError(
