@@ -81,9 +81,25 @@ def check_init(config: dict, dataset: str) -> None:
                              f"{', '.join(sorted(released)) or 'none'})")
 
 
+def check_network(settings: dict) -> None:
+    """A network its constructor can build for the data: each level of ``channel_mult`` halves the resolution, so
+    the resolution must divide by 2 per level; an attention resolution must be one of the levels'."""
+    net, res, key = settings["network"], settings["resolution"], f"datasets.{settings['dataset']}"
+    levels = len(net.get("channel_mult", ()))
+    if levels and res % 2 ** (levels - 1):
+        raise UserError(f"{key}.network.channel_mult: {levels} levels halve the resolution {levels - 1} times, "
+                        f"which resolution {res} does not allow (it must divide by {2 ** (levels - 1)})")
+    sizes = [res >> level for level in range(levels)]
+    unused = [r for r in net.get("attn_resolutions", ()) if levels and r not in sizes]
+    if unused:
+        raise UserError(f"{key}.network.attn_resolutions: {unused} is not among the network's resolutions "
+                        f"{sizes}, so it would never apply")
+
+
 def check_distill(settings: dict, world_size: int) -> tuple[int, int]:
     """Settings ``sidcore distill`` cannot run with ``world_size`` processes; returns (per-process batch,
     accumulation rounds)."""
+    check_network(settings)
     d, net, key = settings["distill"], settings["network"], where(settings)
     arch = net["arch"]
     g_start, gan_start = d.stage_kimg

@@ -134,6 +134,10 @@ def test_a_config_value_never_runs_as_shell_code(workdir, key, text):
     ("datasets: {tiny: {methods: {sida: {distill: {stage_kimg: [2, 20]}}}}}",
      "datasets.tiny.methods.sida (alpha 1.0): distill.stage_kimg=[2, 20] starts the adversarial loss at or after"),
     ("datasets: {tiny: {distill: {eval_first_tick: 11}}}", "distill.eval_first_tick=11 is past the run's last tick"),
+    ("datasets: {tiny: {network: {arch: ddpmpp, channel_mult: [1, 2, 2, 2, 2]}}}",
+     "datasets.tiny.network.channel_mult: 5 levels halve the resolution 4 times, which resolution 8 does not allow"),
+    ("datasets: {tiny: {network: {arch: ddpmpp, attn_resolutions: [16]}}}",
+     "datasets.tiny.network.attn_resolutions: [16] is not among the network's resolutions [8, 4]"),
 ])
 def test_values_no_job_could_run_fail_the_plan_naming_the_key(workdir, text, key):
     """Each is refused by `snakemake -n` before any job, by the checks the jobs themselves make."""
