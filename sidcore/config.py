@@ -6,6 +6,7 @@ the same way (``load``) and resolve a job's settings from it with ``sidcore.sett
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -33,13 +34,19 @@ def key_path(parts: Any) -> str:
     return text or "(top level)"
 
 
-def validator(schema: dict, **kwargs: Any) -> Any:
-    """A JSON-schema validator whose integers are integers (64.0 is not: a job would get a float)."""
+@functools.cache
+def _validator_class() -> Any:
+    """Draft 2020-12 whose integers are integers (64.0 is not: a job would get a float)."""
     import jsonschema
 
     base = jsonschema.Draft202012Validator
     checker = base.TYPE_CHECKER.redefine("integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
-    return jsonschema.validators.extend(base, type_checker=checker)(schema, **kwargs)
+    return jsonschema.validators.extend(base, type_checker=checker)
+
+
+def validator(schema: dict, **kwargs: Any) -> Any:
+    """A JSON-schema validator of ``schema`` (``_validator_class``)."""
+    return _validator_class()(schema, **kwargs)
 
 
 def violation(check: Any, value: Any, at: tuple[str, ...] = ()) -> str | None:

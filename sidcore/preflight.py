@@ -3,8 +3,8 @@
 The workflow runs ``check_config`` on config.yaml when Snakemake loads it, and the checks of one run's
 resolved settings (``check_distill``, ``check_schedule``, ``check_evaluation``, ``check_data_source``,
 ``check_data_shape``) both there, for every configured run, and in the commands themselves, so the two cannot
-drift. Every error
-names the config key. Nothing here imports torch: Snakemake runs it on the login node at every call.
+drift. Every error names the config key. Nothing here imports torch: Snakemake runs it on the login node at
+every call.
 """
 from __future__ import annotations
 

@@ -19,17 +19,14 @@ SUMMARY_KEYS = ("table", "method", "metrics", "nfe")  # what a table row reads
 
 
 def read_json(path: str | os.PathLike, what: str, keys: tuple[str, ...]) -> dict:
-    """The JSON object in ``path``, with ``keys``; anything else is a ``UserError`` naming the file."""
+    """The JSON object in ``path``, ``what`` (e.g. "an evaluation run") with ``keys``; anything else is a
+    ``UserError`` naming the file."""
     value = loads(Path(path).read_text(encoding="utf-8", errors="replace"), str(path))
     missing = [key for key in keys if key not in value]
     if missing:
-        raise UserError(f"{path}: {article(what)} {what} without {', '.join(map(repr, missing))}; write it again "
-                        "with the command that makes it")
+        raise UserError(f"{path}: {what} without {', '.join(map(repr, missing))}; write it again with the command "
+                        "that makes it")
     return value
-
-
-def article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def _number(value: object) -> bool:
@@ -38,7 +35,7 @@ def _number(value: object) -> bool:
 
 def read_run(path: str | os.PathLike) -> dict:
     """An evaluation run record (``run{r}.json``): its metrics are numbers."""
-    run = read_json(path, "evaluation run", RUN_KEYS)
+    run = read_json(path, "an evaluation run", RUN_KEYS)
     if not isinstance(run["metrics"], dict) or not all(map(_number, run["metrics"].values())):
         raise UserError(f"{path}: an evaluation run whose metrics are not all numbers")
     return run
@@ -48,7 +45,7 @@ def read_summary(path: str | os.PathLike, metric: str | None = None,
                  keys: tuple[str, ...] = SUMMARY_KEYS) -> dict:
     """An evaluation summary (``summary.json``) with ``keys``: each metric a mean and a std (and ``metric``
     among them)."""
-    summary = read_json(path, "evaluation summary", keys)
+    summary = read_json(path, "an evaluation summary", keys)
     metrics = summary["metrics"]
     if not isinstance(metrics, dict) or not all(isinstance(m, dict) and _number(m.get("mean")) and
                                                 _number(m.get("std")) for m in metrics.values()):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sidcore import cli
+from sidcore import cli, config
 from sidcore.dataset import read_image_zip, write_image_zip
 
 
@@ -24,6 +24,14 @@ def test_every_command_is_registered_and_the_parser_imports_no_library():
     assert commands == {"prepare-data", "train-teacher", "distill", "ddp-check", "evaluate", "download",
                         "convert-network", "train-detector", "ref-stats", "summarize", "tabulate", "plot", "dynamics",
                         "ablation", "cost", "plan", "figure", "claims", "benchmark", "launch", "check-config"}
+
+
+def test_the_flags_bounds_are_the_schemas():
+    """The flag types' limits that config.yaml's schema also states (a job's flags come from config.yaml)."""
+    from sidcore import strict_yaml
+    from sidcore.cli import checks
+    defs = strict_yaml.load(config.SCHEMA)["$defs"]
+    assert defs["seed"]["maximum"] == checks.SEED_LIMIT - 1 and defs["grid_side"]["maximum"] == checks.GRID_MAX
 
 
 def assert_user_error(capsys, pattern: str, argv: list[str]) -> None:
