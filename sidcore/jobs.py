@@ -21,9 +21,11 @@ Log = Callable[[str], None]
 
 
 def distill(settings: dict, *, teacher: str, data: str, refs: str, detector_weights: str, outdir: str,
-            init: str | None = None, vae: str | None = None, tensorboard: bool = False, log: Log = print) -> int:
+            init: str | None = None, vae: str | None = None, tensorboard: bool = False, start_over: str | None = None,
+            on_changed_settings: str = "stop", log: Log = print) -> int:
     """Distil (or resume distilling) into ``outdir`` until the configured duration (``tensorboard``: also write
-    event files)."""
+    event files). ``start_over`` and ``on_changed_settings``: when the run starts over (``sidcore.run_record``)."""
+    from sidcore import training_state
     from sidcore.distill import Distiller
     from sidcore.evaluate import TRAINING_METRICS, Evaluator, generator_sampler
     from sidcore.preflight import check_evaluation, check_schedule
@@ -35,6 +37,8 @@ def distill(settings: dict, *, teacher: str, data: str, refs: str, detector_weig
     Path(outdir).mkdir(parents=True, exist_ok=True)
     ctx = init_from_env()
     try:
+        training_state.begin(Path(outdir), ctx, settings, {"teacher": teacher, "init": init}, start=start_over,
+                             on_change=on_changed_settings, log=log)
         distiller = Distiller(settings, teacher, data, outdir, init_path=init, ctx=ctx, vae_path=vae)
         # In-training evaluation (model selection) as in the official loops: FID, and IS where configured.
         evaluator = Evaluator.from_settings(settings, distiller.dataset, refs, detector_weights, ctx.device,

@@ -1,11 +1,12 @@
 """The training state of a distillation run (``training-state.pt``): networks, optimisers, progress and every
 process's random state, all a restart needs to continue bit-identically (see ``sidcore.randomness``).
 
-``save`` writes it atomically from rank 0, with a digest of its content. ``load`` checks that the state is
-exactly what was written (the digest: ``torch.load`` does not check its tensor records) and that a restart
-continues the same run (same settings, same number of processes), restores this process's random state
-and trims the progress log to the state; without a state the run starts over, and the live files of an
-earlier start are removed.
+``begin`` decides, before the networks are built, whether the job continues the run in its directory or
+starts it over with the earlier run kept aside (``sidcore.run_record``). ``save`` writes the state atomically
+from rank 0, with a digest of its content. ``load`` checks that the state is exactly what was written (the
+digest: ``torch.load`` does not check its tensor records) and that a restart continues the same run (same
+settings, same number of processes), restores this process's random state and trims the progress log to the
+state; without a state the run starts from image 0, and the live files of an earlier start are removed.
 """
 from __future__ import annotations
 
@@ -18,16 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sidcore import checkpoint, progress_log
-from sidcore.distributed import Context, barrier, gather
+from sidcore import checkpoint, progress_log, run_record
+from sidcore.distributed import Context, barrier, broadcast, gather
+from sidcore.download import sha256_file
 from sidcore.errors import UserError
-from sidcore.settings import plain
+from sidcore.run_record import STATE_FILE, changes, training_settings
 
-STATE_FILE = "training-state.pt"
 FORMAT = "sidcore-training-state"
-SETTINGS = ("dataset", "method", "alpha", "init", "network", "distill", "resolution", "channels", "label_dim")
-RECORDING_ONLY = ("engine", "eval_raw_generator")  # distill settings that leave the computed weights as they are
-UNSET = object()
 
 
 def rng_state(device: torch.device) -> dict:
@@ -45,27 +43,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def training_settings(settings: dict) -> dict:
-    """The settings a resumed run must share with the run that wrote the state (as stored: through JSON). How
-    the networks execute and what is measured besides are not among them: a run may resume with other
-    ``RECORDING_ONLY`` settings."""
-    kept = plain({k: settings[k] for k in SETTINGS})
-    for key in RECORDING_ONLY:
-        kept["distill"].pop(key, None)
-    return json.loads(json.dumps(kept, sort_keys=True))
-
-
-def changes(old: object, new: object, key: str = "") -> list[str]:
-    """``key old -> new`` for every value that differs between two nested settings, keys as dotted paths."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [change for k in sorted(set(old) | set(new))
-                for change in changes(old.get(k, UNSET), new.get(k, UNSET), f"{key}.{k}" if key else k)]
-    if old == new:
-        return []
-    old, new = ("(unset)" if v is UNSET else json.dumps(v) for v in (old, new))
-    return [f"{key} {old} -> {new}"]
 
 
 def digest(value: object) -> str:
@@ -91,6 +68,27 @@ def digest(value: object) -> str:
 
     visit(value)
     return h.hexdigest()
+
+
+def begin(outdir: Path, ctx: Context, settings: dict, inputs: dict[str, str | None], start: str | None = None,
+          on_change: str = "stop", log=print) -> None:
+    """Prepare ``outdir`` for the job (a collective): keep an earlier run aside if this job starts it over
+    (``run_record.decide``), and record how a run that starts from image 0 was started. ``inputs``: the
+    networks the run starts from, by name (their files are hashed)."""
+    error = None
+    if ctx.is_main:
+        try:
+            digests = {name: sha256_file(Path(path)) for name, path in inputs.items() if path is not None}
+            why = run_record.decide(outdir, settings, digests, start, on_change)
+            if why is not None:
+                log(f"starting {outdir} over ({why}): the earlier run is kept as {run_record.keep_aside(outdir, why)}")
+            if why is not None or run_record.read(outdir) is None:
+                run_record.write(outdir, settings, digests, start)
+        except UserError as e:
+            error = str(e)
+    error = broadcast(ctx, error)
+    if error is not None:
+        raise UserError(error)
 
 
 def save(outdir: Path, ctx: Context, settings: dict, state: dict) -> None:
@@ -137,8 +135,8 @@ def read(path: Path, world_size: int, settings: dict) -> dict:
                         f"or edited); {restart}, or put back a good copy")
     changed = changes(json.loads(state["settings_json"]), training_settings(settings))
     if changed:
-        raise UserError(f"{path}: the run was started with different settings: {', '.join(changed)}; "
-                        "delete the run directory to start over (or restore the settings)")
+        raise UserError(f"{path}: the run was started with other settings: {', '.join(changed)}; restore them, or "
+                        "start it over with the earlier run kept aside (config on_changed_settings: start-over)")
     if len(state["rng"]) != world_size:
         raise UserError(f"{path}: the run was started with {len(state['rng'])} processes and is resumed with "
                         f"{world_size}; resume it with {len(state['rng'])} (each process has its own random "

@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_distill import NETWORK, fake_fid, make_toy, settings
+from test_distill import NETWORK, SignalledAt, fake_fid, make_toy, settings, stop_signals  # noqa: F401 (fixture)
 
-from sidcore import checkpoint, training_state
+from sidcore import checkpoint, run_record, training_state
 from sidcore.distill import Distiller
 from sidcore.distributed import Context
 from sidcore.errors import UserError
@@ -30,9 +30,9 @@ def finished(files, tmp_path_factory):
 def test_changes_are_named_by_dotted_path_with_old_and_new_value():
     old = {"alpha": 1.0, "init": None, "distill": {"lr": 1e-4, "seed": 3, "stage_kimg": [1, 2]}}
     new = {"alpha": 1.2, "init": None, "distill": {"lr": 2e-4, "seed": 3, "stage_kimg": [1, 3], "bf16": True}}
-    assert training_state.changes(old, new) == ["alpha 1.0 -> 1.2", "distill.bf16 (unset) -> true",
+    assert run_record.changes(old, new) == ["alpha 1.0 -> 1.2", "distill.bf16 (unset) -> true",
                                                 "distill.lr 0.0001 -> 0.0002", "distill.stage_kimg [1, 2] -> [1, 3]"]
-    assert training_state.changes(new, new) == []
+    assert run_record.changes(new, new) == []
 
 
 def test_resume_with_changed_settings_names_each_change(files, finished):
@@ -40,9 +40,9 @@ def test_resume_with_changed_settings_names_each_change(files, finished):
     changed["alpha"] = 1.0
     with pytest.raises(UserError) as e:
         Distiller(changed, files / "teacher.pt", files / "data.zip", finished)
-    assert str(e.value) == (f"{finished / 'training-state.pt'}: the run was started with different settings: "
-                            "alpha 1.2 -> 1.0, distill.glr 0.0001 -> 0.0003; "
-                            "delete the run directory to start over (or restore the settings)")
+    assert str(e.value) == (f"{finished / 'training-state.pt'}: the run was started with other settings: "
+                            "alpha 1.2 -> 1.0, distill.glr 0.0001 -> 0.0003; restore them, or start it over with "
+                            "the earlier run kept aside (config on_changed_settings: start-over)")
 
 
 def test_a_run_resumes_with_other_execution_levers(files, finished):
@@ -140,3 +140,122 @@ def test_a_state_written_before_digests_resumes_with_a_note(finished, tmp_path, 
     torch.save(state, path)
     assert training_state.read(path, 1, settings("sid"))["cur_nimg"] == 160
     assert "a state without a digest (written by an earlier sidcore); resumed unchecked" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a job does with the run already in its folder (sidcore.run_record): continue it, or start it over with
+# the earlier run kept aside; never delete it.
+
+CPU = Context(0, 1, 0, torch.device("cpu"))
+
+
+def tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def published(files, tmp_path):
+    """A finished SiD run started by the plan ``plan-1``, with its generator and record."""
+    out = tmp_path / "alpha1.2"
+    inputs = {"teacher": files / "teacher.pt", "init": None}
+    training_state.begin(out, CPU, settings("sid"), inputs, start="plan-1", log=lambda m: None)
+    Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", out).run(fake_fid, log=lambda m: None)
+    return out, inputs
+
+
+def begin(out, inputs, start=None, on_change="stop", **distill) -> list[str]:
+    said = []
+    training_state.begin(out, CPU, settings("sid", **distill), inputs, start=start, on_change=on_change,
+                         log=said.append)
+    return said
+
+
+def test_a_run_is_recorded_with_its_settings_inputs_and_plan(files, published):
+    out, _ = published
+    record = run_record.read(out)
+    assert record["start"] == "plan-1" and record["inputs"] == {"teacher": run_record_digest(files / "teacher.pt")}
+    assert record["settings"] == run_record.training_settings(settings("sid"))
+    assert run_record.settings_changes(out, settings("sid")) == []
+    assert run_record.settings_changes(out, settings("sid", glr=2e-4)) == ["distill.glr 0.0001 -> 0.0002"]
+
+
+def run_record_digest(path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("case", ["requeue of the same plan", "rerun without force"])
+def test_a_job_that_is_not_a_new_force_continues_the_run(files, published, case):
+    out, inputs = published
+    before = tree(out)
+    said = begin(out, inputs, start="plan-1" if case == "requeue of the same plan" else None)
+    assert said == [] and tree(out) == before and not list(out.parent.glob("*.kept-*"))
+    assert Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", out).cur_nimg == 160
+
+
+def kept(out) -> list:
+    return sorted(out.parent.glob(f"{out.name}.kept-*"))
+
+
+@pytest.mark.usefixtures("stop_signals")
+def test_a_forced_rerun_keeps_the_run_aside_trains_from_image_0_and_its_requeue_continues(files, published):
+    out, inputs = published
+    before = tree(out)
+    said = begin(out, inputs, start="plan-2")
+    [aside] = kept(out)
+    assert re.fullmatch(r"alpha1\.2\.kept-\d{8}T\d{6}Z-forced", aside.name), aside.name
+    assert said == [f"starting {out} over (forced): the earlier run is kept as {aside}"]
+    assert tree(aside) == before  # every file, byte for byte: the generator, state, log and record
+    assert sorted(tree(out)) == ["settings.json"] and run_record.read(out)["start"] == "plan-2"
+    dist = Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", out)
+    assert dist.cur_nimg == 0
+    stopped = SignalledAt(64, settings("sid"), files / "teacher.pt", files / "data.zip", out)  # then requeued
+    assert stopped.run(fake_fid, log=lambda m: None) is False
+    assert begin(out, inputs, start="plan-2") == [] and kept(out) == [aside]  # the requeued job, same plan
+    assert Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", out).cur_nimg == 64
+
+
+def test_changed_settings_stop_by_default_naming_each_change_and_keep_everything(files, published):
+    out, inputs = published
+    before = tree(out)
+    with pytest.raises(UserError) as e:
+        begin(out, inputs, glr=2e-4, bf16=True)
+    assert str(e.value) == (f"{out}: the run was started with other settings: distill.bf16 false -> true, "
+                            "distill.glr 0.0001 -> 0.0002; restore them, or start it over with the earlier run kept "
+                            "aside (config on_changed_settings: start-over)")
+    assert tree(out) == before and kept(out) == []
+
+
+def test_changed_settings_start_over_when_chosen_kept_aside_under_their_old_values(files, published):
+    out, inputs = published
+    before = tree(out)
+    said = begin(out, inputs, on_change="start-over", glr=2e-4)
+    [aside] = kept(out)
+    assert aside.name.endswith("-glr=0.0001") and tree(aside) == before and said
+    assert run_record.read(out)["settings"] == run_record.training_settings(settings("sid", glr=2e-4))
+    assert Distiller(settings("sid", glr=2e-4), files / "teacher.pt", files / "data.zip", out).cur_nimg == 0
+
+
+def test_a_remade_teacher_starts_the_run_over(files, published, tmp_path):
+    out, inputs = published
+    other = tmp_path / "teacher-2.pt"
+    other.write_bytes((files / "teacher.pt").read_bytes() + b"\0")  # any other content
+    begin(out, {"teacher": other, "init": None})
+    [aside] = kept(out)
+    assert aside.name.endswith("-teacher-changed")
+
+
+def test_a_generator_without_its_state_is_kept_aside_before_a_new_start(files, published):
+    out, inputs = published
+    (out / "training-state.pt").unlink()
+    generator = (out / "generator.pt").read_bytes()
+    begin(out, inputs)
+    [aside] = kept(out)
+    assert aside.name.endswith("-no-state") and (aside / "generator.pt").read_bytes() == generator
+
+
+def test_a_state_of_an_earlier_sidcore_without_a_record_continues_and_gets_one(files, published):
+    out, inputs = published
+    (out / "settings.json").unlink()
+    assert begin(out, inputs) == [] and kept(out) == [] and run_record.read(out)["start"] is None
+    assert Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", out).cur_nimg == 160

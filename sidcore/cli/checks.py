@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +53,13 @@ def output(kind: str) -> Callable[[str], Path]:
             raise argparse.ArgumentTypeError(f"{text!r} is a directory; name the {kind} file to write")
         return path
     return parse
+
+
+def plan_id(text: str) -> str:
+    """An id of a plan: 1 to 64 letters, digits and ``. _ -``."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"{text[:70]!r} is not 1 to 64 letters, digits and . _ -")
+    return text
 
 
 POSITIVE = integer(1)

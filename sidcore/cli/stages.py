@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from sidcore.cli.checks import output
+from sidcore.cli.checks import output, plan_id
+from sidcore.run_record import ON_CHANGE
 
 
 def _log(msg: str) -> None:
@@ -37,7 +38,8 @@ def distill(args: argparse.Namespace) -> int:
         require()  # the optional package, before any work
     return run(settings, teacher=args.teacher, data=args.data, refs=args.refs,
                detector_weights=args.detector_weights, outdir=args.outdir, init=args.init, vae=args.vae,
-               tensorboard=args.tensorboard, log=_log)
+               tensorboard=args.tensorboard, start_over=args.start_over,
+               on_changed_settings=args.on_changed_settings, log=_log)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -74,6 +76,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(flag, required=True)
     p.add_argument("--init", help="SiD²A: generator snapshot to start from")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files (rank 0)")
+    p.add_argument("--start-over", metavar="ID", type=plan_id,
+                   help="start the run over, keeping the earlier run aside, unless the run was started by this "
+                        "ID (a requeued job of the same plan continues)")
+    p.add_argument("--on-changed-settings", choices=ON_CHANGE, default="stop",
+                   help="a run started with other settings: refuse it, or start it over keeping it aside")
     add_model_inputs(p)
 
     p = subparsers.add_parser("ddp-check", help="all-reduce across the job's processes (checks a launch set-up)")

@@ -19,9 +19,10 @@ import functools
 import os
 import shlex
 import sys
+import time
 
 from sidcore.registry import artifacts
-from sidcore import plan, preflight, tensorboard
+from sidcore import plan, preflight, run_record, tensorboard
 from sidcore.errors import UserError
 from sidcore.methods import METHOD_NAMES, METHODS, alpha_text
 from sidcore.tables import TABLES, table as report_table
@@ -177,6 +178,55 @@ def gpu_resources(stage, single=False, study="main"):
         "slurm_partition": get("partition"),
         "launch": launch,
     }
+
+
+# This plan's id: a distillation it forces starts over once; its requeued or relaunched job continues.
+PLAN_ID = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+ANNOUNCED = set()  # runs whose changed settings the plan has named
+
+
+def forced(rule, outputs) -> bool:
+    """Whether this invocation forces the job of ``rule`` making ``outputs`` (-F, -f on a target, --forcerun
+    naming the rule or one of the outputs)."""
+    d = workflow.dag_settings
+    named = {os.path.normpath(str(t)) for t in d.forcerun}
+    targets = {os.path.normpath(str(t)) for t in d.targets} if d.forcetargets else set()
+    return d.forceall or any(rule in names or any(os.path.normpath(o) in names for o in outputs)
+                             for names in (named, targets))
+
+
+def rerun_flags(rule, study="main"):
+    """The distill command's flags for what a run already in its folder becomes (``sidcore.run_record``): a
+    forced job starts it over (once per plan), a run started with other settings follows
+    ``on_changed_settings``. A resource, so the flags rerun nothing themselves."""
+
+    def flags(w) -> str:
+        folder = run_dir(w.dataset, w.method, w.alpha, study)
+        force = forced(rule, [f"{folder}/generator.pt", f"{folder}/log.jsonl"])
+        return (f"--start-over {PLAN_ID} " if force else "") + f"--on-changed-settings {config['on_changed_settings']}"
+
+    return flags
+
+
+def check_rerun(w, study) -> None:
+    """Name a run whose training state was started with other settings than config.yaml's, one line per run
+    with every change; with ``on_changed_settings: stop`` end the plan there, before any job."""
+    folder = run_dir(w.dataset, w.method, w.alpha, study)
+    changed = run_record.settings_changes(folder, resolve(config, w.dataset, w.method, w.alpha, study))
+    if not changed:
+        return
+    if config["on_changed_settings"] == "stop":
+        sys.exit(
+            f"rerun error: {folder} was started with other settings: {', '.join(changed)}. Restore them, or train "
+            "it again from image 0 with the earlier run kept aside: --config on_changed_settings=start-over"
+        )
+    if folder not in ANNOUNCED:
+        ANNOUNCED.add(folder)
+        print(
+            f"{folder} was started with other settings: {', '.join(changed)}; it starts over from image 0, "
+            f"the earlier run kept aside as {folder}.kept-<time>-...",
+            file=sys.stderr,
+        )
 
 
 def logging_flags(w) -> str:

@@ -1,14 +1,16 @@
 # SiD and SiDA from the teacher; SiD²A from a SiD generator (methods.sid2a.init). One job per (dataset, method,
 # alpha). A rerun of an interrupted job resumes from results/.../training-state.pt; under SLURM a job that
-# reaches its time limit or is preempted saves its state, is requeued and resumes by itself.
+# reaches its time limit or is preempted saves its state, is requeued and resumes by itself. The outputs are
+# `update`: Snakemake does not delete them before the job (the job keeps a run it starts over aside, see
+# sidcore.run_record) and puts the earlier ones back if the job fails.
 
 
 rule distill:
     input:
         unpack(distill_inputs),
     output:
-        generator="results/{dataset}/{method}/alpha{alpha}/generator.pt",
-        log="results/{dataset}/{method}/alpha{alpha}/log.jsonl",
+        generator=update("results/{dataset}/{method}/alpha{alpha}/generator.pt"),
+        log=update("results/{dataset}/{method}/alpha{alpha}/log.jsonl"),
     log:
         "logs/distill/{dataset}-{method}-alpha{alpha}.log",
     benchmark:
@@ -21,6 +23,7 @@ rule distill:
     resources:
         **gpu_resources("distill"),
         logging=logging_flags,
+        rerun=rerun_flags("distill"),
     params:
         settings=lambda w: settings(w.dataset, w.method, w.alpha),
         outdir=lambda w: run_dir(w.dataset, w.method, w.alpha),
@@ -29,7 +32,7 @@ rule distill:
     shell:
         "{resources.launch} -- distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.init}"
-        " {params.extra} {resources.logging}"
+        " {params.extra} {resources.logging} {resources.rerun}"
         " > {log} 2>&1"
 
 
@@ -38,8 +41,8 @@ use rule distill as distill_ablation with:
     input:
         unpack(lambda w: distill_inputs(w, study="ablation")),
     output:
-        generator="results/{dataset}/ablation/{method}/alpha{alpha}/generator.pt",
-        log="results/{dataset}/ablation/{method}/alpha{alpha}/log.jsonl",
+        generator=update("results/{dataset}/ablation/{method}/alpha{alpha}/generator.pt"),
+        log=update("results/{dataset}/ablation/{method}/alpha{alpha}/log.jsonl"),
     log:
         "logs/distill/{dataset}-ablation-{method}-alpha{alpha}.log",
     benchmark:
@@ -48,6 +51,7 @@ use rule distill as distill_ablation with:
     resources:
         **gpu_resources("distill", study="ablation"),
         logging=logging_flags,
+        rerun=rerun_flags("distill_ablation", study="ablation"),
     params:
         settings=lambda w: settings(w.dataset, w.method, w.alpha, study="ablation"),
         outdir=lambda w: run_dir(w.dataset, w.method, w.alpha, study="ablation"),

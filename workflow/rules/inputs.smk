@@ -85,8 +85,10 @@ def model_inputs(w, study="main"):
 
 
 def distill_inputs(w, study="main"):
-    """Inputs of a distillation: those of ``model_inputs``, the teacher and, for SiD²A, its starting generator."""
+    """Inputs of a distillation: those of ``model_inputs``, the teacher and, for SiD²A, its starting generator.
+    Names, before any job, a run whose training state was started with other settings (``check_rerun``)."""
     inputs = {**model_inputs(w, study), "teacher": teacher_file(w)}
+    check_rerun(w, study)
     if w.method == "sid2a":
         inputs["init"] = init_file(w)
     return inputs
