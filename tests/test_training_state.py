@@ -259,3 +259,13 @@ def test_a_state_of_an_earlier_sidcore_without_a_record_continues_and_gets_one(f
     (out / "settings.json").unlink()
     assert begin(out, inputs) == [] and kept(out) == [] and run_record.read(out)["start"] is None
     assert Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", out).cur_nimg == 160
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"settings": {}}'])
+def test_a_damaged_run_record_is_refused_naming_it_and_nothing_moves(files, published, text):
+    out, inputs = published
+    (out / "settings.json").write_text(text)
+    before = tree(out)
+    with pytest.raises(UserError, match=re.escape(f"{out / 'settings.json'}: not a")):
+        begin(out, inputs, start="plan-3")
+    assert tree(out) == before and kept(out) == []

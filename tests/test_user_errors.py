@@ -259,6 +259,10 @@ FLAGS = [  # refused by the parser, naming the flag, before any work
      "argument --out: 'plotfile': a PNG file's name ends in .png"),
     (["summarize", "--table", "tiny", "--std-ddof", "1", "--runs", "r.json", "--out", "s.csv"],
      "argument --out: 's.csv': a JSON file's name ends in .json"),
+    (["distill", "--settings", "{}", "--teacher", "t.pt", "--data", "d.zip", "--refs", "r.npz", "--detector-weights",
+      "w.pt", "--outdir", "out", "--start-over", "x;y"], "argument --start-over: 'x;y' is not 1 to 64 letters"),
+    (["distill", "--settings", "{}", "--teacher", "t.pt", "--data", "d.zip", "--refs", "r.npz", "--detector-weights",
+      "w.pt", "--outdir", "out", "--on-changed-settings", "delete"], "argument --on-changed-settings: invalid choice"),
 ]
 
 

@@ -217,12 +217,67 @@ def test_duplicate_key_in_an_overlay_is_refused(workdir):
     ("results/tiny/ablation/sid/alpha1.0/log.jsonl", "ablation of datasets.tiny 'sid/alpha1.0' is not in config.yaml"),
     ("results/plots/alpha-ablation-ffhq64.png", "datasets.ffhq64.ablation: no α ablation configured"),
     ("results/figures/tiny-sida-alpha1.2.png", "'sida/alpha1.2' is not in config.yaml (known:"),
+    ("results/tiny/sdi/alpha1.0/generator.pt", "run of datasets.tiny 'sdi/alpha1.0' is not in config.yaml (known:"),
+    ("results/tiny/sida/alphaX/eval/summary.json", "'sida/alphaX' is not in config.yaml (known:"),
+    ("results/tiny/sid/alpha1/log.jsonl", "'sid/alpha1' is not in config.yaml (known:"),
+    ("results/figures/tiny-dmd-alpha1.0.png", "'dmd/alpha1.0' is not in config.yaml (known:"),
+    ("results/tiny/released/sdi/alpha1.2/eval/summary.json", "'released/sdi/alpha1.2' is not in config.yaml"),
     ("results/claims/cifar10-cond.csv", "datasets.cifar10-cond: the claims need ablation (of sida)"),
     ("results/claims/edm2-xs.csv", "datasets.edm2-xs: the claims need teacher_eval, ablation (of sida)"),
 ])
 def test_a_target_config_yaml_does_not_define_fails_listing_the_known_ones(workdir, target, known):
     assert_refused(snakemake(workdir, targets=(target,)), known, kind="target error")
     assert not (workdir / target).exists()
+
+
+def distill_commands(workdir: Path, *args: str) -> dict[str, str]:
+    """The distill command of every job of the tiny table's dry run, by run folder."""
+    r = subprocess.run([*SNAKEMAKE, "-n", "-p", "results/tables/tiny.csv", *args], cwd=workdir, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dict((m.group(2), m.group(0)) for m in re.finditer(r"-- distill --settings '([^']*)'.*--outdir (\S+).*",
+                                                               r.stdout + r.stderr))
+
+
+def started(workdir: Path, folder: str, settings_json: str) -> None:
+    """A run in ``folder`` started with ``settings_json``, with a training state (the plan looks for its file)."""
+    from sidcore import run_record
+    from sidcore.settings import from_json
+    (workdir / folder).mkdir(parents=True)
+    run_record.write(workdir / folder, from_json(settings_json, "distill"), {"teacher": "0" * 64}, None)
+    (workdir / folder / "training-state.pt").write_bytes(b"")
+
+
+def test_changed_settings_are_named_in_one_line_and_stop_the_plan_unless_the_user_chooses_to_start_over(workdir):
+    folder = "results/tiny/sida/alpha1.0"
+    commands = distill_commands(workdir)
+    assert "--on-changed-settings stop" in commands[folder] and "--start-over" not in commands[folder]
+    started(workdir, folder, re.search(r"--settings '([^']*)'", commands[folder]).group(1))
+    assert distill_commands(workdir) == commands  # same settings: the plan says nothing
+    config = (workdir / "config.yaml").read_text()
+    sida = "sida: {alphas: [1.0], distill: {<<: *sida_edm}}"  # tiny's (tiny-claims' comes later)
+    changed = config.replace(sida, sida.replace("}}", ", glr: 2.0e-4}}"), 1)
+    assert changed != config, "the tiny SiDA block moved"
+    (workdir / "config.yaml").write_text(changed)
+    assert_refused(snakemake(workdir, targets=("results/tables/tiny.csv",)),
+                   f"{folder} was started with other settings: distill.glr 0.0001 -> 0.0002. Restore them, or "
+                   "train it again from image 0 with the earlier run kept aside: "
+                   "--config on_changed_settings=start-over", kind="rerun error")
+    r = snakemake(workdir, "--config", "on_changed_settings=start-over", targets=("results/tables/tiny.csv",))
+    assert r.returncode == 0 and (f"{folder} was started with other settings: distill.glr 0.0001 -> 0.0002; it "
+                                  "starts over from image 0") in r.stderr, r.stderr[-3000:]
+    assert "--on-changed-settings start-over" in distill_commands(
+        workdir, "--config", "on_changed_settings=start-over")[folder]
+
+
+def test_a_forced_distillation_starts_over_once_per_plan(workdir):
+    """--forcerun naming a run's generator passes that job, and only it, the plan's start-over id."""
+    folder = "results/tiny/sida/alpha1.0"
+    commands = distill_commands(workdir, "--forcerun", f"{folder}/generator.pt")
+    assert [f for f, c in commands.items() if "--start-over" in c] == [folder]
+    assert re.search(r"--start-over \d{8}T\d{6}-\d+ ", commands[folder])
+    everything = distill_commands(workdir, "--forcerun", "distill")
+    assert all("--start-over" in c for c in everything.values()) and len(everything) == 5
 
 
 def test_every_sid2a_run_starts_from_the_configured_sid_generator(workdir):

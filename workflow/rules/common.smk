@@ -47,8 +47,8 @@ ARTIFACT_GROUPS = sorted({key.split("/", 1)[0] for key in artifacts()})
 wildcard_constraints:
     dataset="[a-z0-9][a-z0-9_.-]*",
     data="[a-z0-9][a-z0-9_.-]*",
-    method=METHOD_PATTERN,
-    alpha=r"[0-9]+\.[0-9]+",
+    method="[a-z0-9]+",  # any name: an unknown method or alpha is a target error (check_target), not a missing rule
+    alpha="[^/]+",
     run=r"[0-9]+",
     name="[^/]+",
 
@@ -185,24 +185,25 @@ PLAN_ID = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 ANNOUNCED = set()  # runs whose changed settings the plan has named
 
 
-def forced(rule, outputs) -> bool:
-    """Whether this invocation forces the job of ``rule`` making ``outputs`` (-F, -f on a target, --forcerun
+def forced(rule_name, outputs) -> bool:
+    """Whether this invocation forces the job of rule ``rule_name`` making ``outputs`` (-F, -f on a target, --forcerun
     naming the rule or one of the outputs)."""
     d = workflow.dag_settings
     named = {os.path.normpath(str(t)) for t in d.forcerun}
     targets = {os.path.normpath(str(t)) for t in d.targets} if d.forcetargets else set()
-    return d.forceall or any(rule in names or any(os.path.normpath(o) in names for o in outputs)
-                             for names in (named, targets))
+    return d.forceall or any(
+        rule_name in names or any(os.path.normpath(o) in names for o in outputs) for names in (named, targets)
+    )
 
 
-def rerun_flags(rule, study="main"):
+def rerun_flags(rule_name, study="main"):
     """The distill command's flags for what a run already in its folder becomes (``sidcore.run_record``): a
     forced job starts it over (once per plan), a run started with other settings follows
     ``on_changed_settings``. A resource, so the flags rerun nothing themselves."""
 
     def flags(w) -> str:
         folder = run_dir(w.dataset, w.method, w.alpha, study)
-        force = forced(rule, [f"{folder}/generator.pt", f"{folder}/log.jsonl"])
+        force = forced(rule_name, [f"{folder}/generator.pt", f"{folder}/log.jsonl"])
         return (f"--start-over {PLAN_ID} " if force else "") + f"--on-changed-settings {config['on_changed_settings']}"
 
     return flags

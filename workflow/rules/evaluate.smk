@@ -82,7 +82,7 @@ rule summarize:
     benchmark:
         "benchmarks/summarize/{dataset}/{model}.tsv"
     wildcard_constraints:
-        model=rf"teacher|(released/)?({METHOD_PATTERN})/alpha[0-9]+\.[0-9]+",
+        model=r"teacher|(released/)?[a-z0-9]+/alpha[^/]+",
     localrule: True
     conda:
         SOFTWARE_ENV
