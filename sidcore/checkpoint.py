@@ -22,9 +22,11 @@ SNAPSHOT_FORMAT = "sidcore-network"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save through a temporary file renamed over ``path`` (see ``sidcore.atomic``)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save through a temporary file renamed over ``path`` (see ``sidcore.atomic``). Written through a file
+    object, whose archive folder is always ``archive``: equal content gives equal bytes (torch names the folder
+    after a path it is given, here the temporary one)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load(path: str | os.PathLike, what: str = "sidcore checkpoint",
