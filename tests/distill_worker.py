@@ -28,16 +28,16 @@ def kill_during_state_write(n: int) -> None:
     real_save = torch.save
     count = [0]
 
-    def save(obj, path, *args, **kwargs):
+    def save(obj, f, *args, **kwargs):  # f: the temporary file, open (checkpoint.save_atomic)
         if isinstance(obj, dict) and "opt_G" in obj:
             count[0] += 1
             if count[0] == n:
-                real_save(obj, path, *args, **kwargs)
-                with open(path, "r+b") as f:  # the temporary file, cut short, then the node dies
-                    f.truncate(os.path.getsize(path) // 2)
+                real_save(obj, f, *args, **kwargs)
+                f.flush()
+                f.truncate(f.tell() // 2)  # cut short, then the node dies
                 print("killed during a state write", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, f, *args, **kwargs)
 
     torch.save = save
 
