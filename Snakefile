@@ -28,6 +28,10 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+onerror:
+    explain_failure(log)
+
+
 rule all:
     default_target: True
     input:

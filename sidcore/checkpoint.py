@@ -59,7 +59,11 @@ def refusal_reason(error: Exception) -> str:
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
     if detail:
         return detail.group(1).strip()
-    return text.splitlines()[0] if text and "weights_only" not in text else type(error).__name__
+    if not text or "weights_only" in text:
+        return type(error).__name__
+    if "failed finding central directory" in text:
+        return "not a complete torch.save file: truncated or damaged"
+    return re.split(r"(?<=\.) ", text.splitlines()[0])[0]  # torch's first sentence, not its guesses at a cause
 
 
 def network_snapshot(net: torch.nn.Module, network: dict, **meta: Any) -> dict:

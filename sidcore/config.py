@@ -9,6 +9,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,10 +58,37 @@ def violation(check: Any, value: Any, at: tuple[str, ...] = ()) -> str | None:
     error = jsonschema.exceptions.best_match(check.iter_errors(value))
     if error is None:
         return None
+    path = [*at, *error.absolute_path]
     problem = error.message
     if error.validator in ("not", "anyOf", "oneOf") and "description" in error.schema:
         problem = f"{error.instance!r} is not allowed: {error.schema['description']}"
-    return f"{key_path([*at, *error.absolute_path])}: {problem}"
+    elif error.validator in ("additionalProperties", "unevaluatedProperties"):
+        return unknown_key(error, path)
+    elif error.validator == "type" and isinstance(error.instance, str) and _is_number(error.instance):
+        spelled = re.sub(r"^([+-]?[0-9]+)([eE])", r"\1.0\2", error.instance)
+        problem += f": YAML reads {error.instance} as text (a number needs a dot before its exponent); write {spelled}"
+    return f"{key_path(path)}: {problem}"
+
+
+def unknown_key(error: Any, path: list) -> str:
+    """An unexpected key, named with where it is, the known keys and the nearest of them."""
+    import difflib
+
+    known = sorted(error.schema.get("properties", {}))
+    patterns = list(error.schema.get("patternProperties", {}))
+    extra = [k for k in error.instance if k not in known and not any(re.search(p, str(k)) for p in patterns)]
+    key = extra[0] if extra else "?"
+    where = f"in {key_path(path)}" if path else "at the top level"
+    near = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"unknown key {key!r} {where} (known: {', '.join(known)}){hint}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def validate(config: dict, schema: str | os.PathLike = SCHEMA) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ EXECUTORS = ("local", "slurm")
 # Seconds between looks at a job's state: a local job's processes are cheap to ask about (and a short job's end
 # shows at once); SLURM's controller is asked no more often than every 5 s.
 POLL_S = {"local": 0.5, "slurm": 5.0}
+EXITED = re.compile(r"(`sidcore [a-z-]+` exited with status \d+ on rank \d+)")  # a task's report of its command
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
                     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")  # the ones Snakemake sets
 LOCAL_TIME_LIMIT_MIN = 60 * 24 * 365  # a cluster's time limit does not apply to local processes
@@ -208,7 +210,9 @@ class Launcher:
         try:
             job.results()
         except (FailedJobError, UncompletedJobError) as e:
-            return self._failed(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
+            exited = EXITED.search(str(e))
+            return self._failed(exited.group(1) if exited else str(e).strip().splitlines()[-1] if str(e).strip()
+                                else repr(e))
         _say(f"job {job.job_id}: finished")
         return 0
 
@@ -217,7 +221,7 @@ class Launcher:
         _say(f"job {job.job_id} failed (state {job.state}): {reason}")
         for task in range(self.spec.nodes * self.spec.tasks_per_node):
             stderr = job.task(task).paths.stderr
-            _say(f"--- task {task} stderr (last lines of {stderr}):\n" + tail(stderr))
+            _say(f"--- task {task} stderr (last lines of {stderr}):\n" + tail(stderr, without_exit_report=True))
         return 1
 
     def _cancel(self, signum, frame) -> None:
@@ -259,11 +263,17 @@ def in_queue(job_id: str) -> bool:
     return bool(out.stdout.strip())
 
 
-def tail(path: Path, lines: int = 30) -> str:
+def tail(path: Path, lines: int = 30, without_exit_report: bool = False) -> str:
+    """The last ``lines`` of a task's log; ``without_exit_report``: without submitit's traceback of a command
+    that exited with an error status (the command has said why above it)."""
     try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+        text = Path(path).read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return "(no log)"
+    if without_exit_report and text and EXITED.search(text[-1]):
+        report = next((i for i, line in enumerate(text) if "Submitted job triggered an exception" in line), -1)
+        text = text[:report]
+    return "\n".join(text[-lines:])
 
 
 def _say(message: str) -> None:

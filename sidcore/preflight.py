@@ -43,9 +43,12 @@ def check_config(config: dict) -> None:
             if len(set(alphas)) != len(alphas):
                 raise UserError(f"{key}.alphas: {spec['alphas']} names an alpha twice")
             for k in spec.get("by_alpha", {}):
+                if not isinstance(k, str):
+                    raise UserError(f"{key}.by_alpha: key {k!r} is read as a number, and by_alpha's keys are the "
+                                     f"alphas' text: quote it (\"{alpha_text(k)}\": ...)")
                 if alpha_text(k) != k:
                     raise UserError(f"{key}.by_alpha: key {k!r} is not written as the alpha is ({alpha_text(k)!r}); "
-                                     "it would never apply")
+                                     f"it would never apply: write \"{alpha_text(k)}\"")
                 if k not in alphas:
                     raise UserError(f"{key}.by_alpha: alpha {k} is not run (alphas: {', '.join(alphas)})")
         if "sid2a" in d["methods"]:

@@ -4,6 +4,7 @@ refused before anything is built from it."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import yaml
@@ -19,14 +20,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects a mapping key given twice; keys merged in with ``<<`` may be overridden."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
+        seen: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
             if key_node.tag == MERGE_TAG:
                 continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1}): a mapping holds a key "
+                    "once; keep one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 
 
@@ -61,12 +64,23 @@ def loads(text: str, source: str = "<string>") -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
-        problem = e.problem or e.context or "invalid YAML"
-        raise UserError(f"{where}: {problem}") from None
+        raise UserError(f"{where}: {_problem(e)}") from None
     except yaml.YAMLError as e:  # e.g. a control character the reader refuses
         raise UserError(f"{source}: not readable as YAML ({e})") from None
     finally:
         loader.dispose()
+
+
+def _problem(e: yaml.MarkedYAMLError) -> str:
+    """What is wrong, with both places where the reader names two (a duplicate anchor's first definition)."""
+    anchor = re.match(r"found duplicate anchor '?([^';]+)'?; first occurrence", e.context or "")
+    if anchor and e.context_mark is not None:
+        name = anchor.group(1)
+        return (f"anchor &{name} is defined again (first at line {e.context_mark.line + 1}); an anchor names one "
+                f"value: give this one another name, or drop it and refer to the first as *{name}")
+    if e.context and e.problem and e.context_mark is not None and e.problem_mark is not None:
+        return f"{e.problem} ({e.context} at line {e.context_mark.line + 1})"
+    return e.problem or e.context or "invalid YAML"
 
 
 def load(path: str | os.PathLike) -> Any:

@@ -219,11 +219,11 @@ def legend(fig) -> list[str]:
 def test_plot_draws_the_papers_lines_of_its_table_and_size(tmp_path: Path) -> None:
     log = write_log(tmp_path / "sid2a.jsonl", {10.0: 20.0, 40.0: 5.0})
     labels = legend(plot.figure([("sid2a", 1.0, log)], None, "edm2", "xs", "edm2-xs"))
-    assert labels == ["SiD²A, α = 1.0", "Teacher, 63 NFE (paper): 3.53", "SiD, α = 1.0 (paper): 3.353",
+    assert labels == ["SiD²A, α = 1.0: in-training FID", "Teacher, 63 NFE (paper): 3.53", "SiD, α = 1.0 (paper): 3.353",
                       "SiDA, α = 1.0 (paper): 2.228", "SiD²A, α = 1.0 (paper): 2.156"]
     fig = plot.figure([("sid2a", 1.0, log)], None, "edm2", "xs", "edm2-xs")
     lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
-    curve, final = lines["SiD²A, α = 1.0"], lines["SiD²A, α = 1.0 (paper): 2.156"]
+    curve, final = lines["SiD²A, α = 1.0: in-training FID"], lines["SiD²A, α = 1.0 (paper): 2.156"]
     assert curve.get_color() == final.get_color() and final.get_linestyle() == ":"
     assert list(final.get_ydata()) == [2.156, 2.156]
     # Both of the paper's ImageNet teachers; our own teacher replaces them.
@@ -231,7 +231,16 @@ def test_plot_draws_the_papers_lines_of_its_table_and_size(tmp_path: Path) -> No
             if label.startswith("Teacher")] == ["Teacher, 511 NFE (paper): 1.36", "Teacher, 79 NFE (paper): 2.64"]
     teacher = write_summary(tmp_path, "imagenet64", "teacher", None, fid=(2.5, 0.1), nfe=79, kimg=None)
     assert [label for label in legend(plot.figure([("sid", 1.2, log)], teacher, "imagenet64", "", ""))
-            if label.startswith("Teacher")] == ["Teacher, 79 NFE (ours): 2.500"]
+            if label.startswith("Teacher")] == ["Teacher, 79 NFE (ours, mean of 10 × 5,000 images): 2.500"]
+
+
+def test_coinciding_curves_stay_visible(tmp_path: Path) -> None:
+    """Runs with the same FIDs (the demo's SiD α = 1.0 and 1.2) differ in marker, size and line style."""
+    log = write_log(tmp_path / "sid.jsonl", {10.0: 20.0, 40.0: 5.0})
+    fig = plot.figure([("sid", 1.0, log), ("sid", 1.2, log)], None, "tiny", "", "")
+    a, b = [line for line in fig.axes[0].get_lines() if line.get_label().endswith("in-training FID")]
+    assert a.get_marker() != b.get_marker() and a.get_markersize() > b.get_markersize()
+    assert a.get_linestyle() != b.get_linestyle() and a.get_fillstyle() == b.get_fillstyle() == "none"
 
 
 def test_plot_rejects_log_without_fid_and_bad_runs(tmp_path: Path) -> None:

@@ -35,6 +35,24 @@ def workdir(tmp_path):
     return with_local_data(tmp_path)
 
 
+def test_a_dry_run_plans_without_the_data_and_a_real_run_refuses_before_any_job(tmp_path):
+    """As on a laptop: the paper tables' data folders do not exist. The plan warns once per data folder."""
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for name in ("workflow", "envs"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    warning = ("warning: datasets.edm2-xs.data.path: /data/datasets/imagenet/train is not an existing image folder "
+               "(source vae-latents); download the data and point this key at it (a dry run plans without it; job "
+               "prepare_data for img512-sd will need it)")
+    r = snakemake(tmp_path, targets=("results/tables/edm2.csv",))
+    assert r.returncode == 0 and r.stderr.count(warning) == 1, r.stderr[-3000:]
+    assert job_counts(r.stdout + r.stderr)["distill"] == 18
+    r = subprocess.run([*SNAKEMAKE, "--cores", "1", "results/tables/ffhq64.csv"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert_refused(r, "datasets.ffhq64.data.path: /data/datasets/ffhq/images1024x1024 is not an existing image folder")
+    assert not (tmp_path / "resources").exists() and not (tmp_path / "results").exists()
+
+
 def snakemake(workdir: Path, *args: str, targets: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return subprocess.run([*SNAKEMAKE, "-n", *targets, "--quiet", "rules", *args], cwd=workdir, capture_output=True,
                           text=True, timeout=300)
@@ -91,6 +109,16 @@ def overlay(workdir: Path, text: str) -> str:
     ("figures: {rows: 1000000000}", "figures.rows: 1000000000 is greater than the maximum of 64"),
     ("datasets: {tiny: {methods: {sid: {alphas: [1.0e-5]}}}}", "1e-05 is not allowed: α in [0, 10], 0 or at least"),
     ("evaluation: {runs: 1000}", "evaluation.runs"),
+    # refusals that say what to do
+    ("tabels: [tiny]", "unknown key 'tabels' at the top level (known: cluster, datasets, evaluation, figures, "
+                       "launcher, logging, on_changed_settings, tables); did you mean 'tables'?"),
+    ("datasets: {tiny: {distil: {lr: 1.0e-4}}}", "unknown key 'distil' in datasets.tiny (known: "),
+    ("datasets: {tiny: {distil: {lr: 1.0e-4}}}", "; did you mean 'distill'?"),
+    ("datasets: {tiny: {distill: {lr: 1e-4}}}", "datasets.tiny.distill.lr: '1e-4' is not of type 'number': YAML "
+                                                "reads 1e-4 as text (a number needs a dot before its exponent); "
+                                                "write 1.0e-4"),
+    ("datasets: {tiny: {methods: {sid: {by_alpha: {1.2: {lr: 1.0e-4}}}}}}",
+     "key 1.2 is read as a number, and by_alpha's keys are the alphas' text: quote it (\"1.2\": ...)"),
 ])
 def test_bad_config_fails_before_any_job_naming_the_key(workdir, text, key):
     assert_refused(snakemake(workdir, "--configfile", overlay(workdir, text)), key)
@@ -200,6 +228,23 @@ def test_an_overlay_that_is_not_plain_values_is_refused_before_any_plan(workdir)
         r = subprocess.run([sys.executable, "-m", "sidcore.cli", "check-config", str(path)], cwd=workdir,
                            capture_output=True, text=True)
         assert r.returncode == returncode and said in r.stdout + r.stderr, r.stderr
+
+
+def test_a_dataset_block_copied_as_the_readme_says_plans(workdir):
+    """README, "Add a dataset": copy a block, rename it, set its table, delete the anchors it defines."""
+    config = (workdir / "config.yaml").read_text()
+    block = re.search(r"\n  tiny:\n(?:    .*\n|\s*\n)*", config).group(0).rstrip() + "\n"
+    copy = block.replace("\n  tiny:\n", "\n  tiny2:\n").replace("    table: tiny\n", "    table: tiny2\n")
+    assert copy.count("tiny2") == 2
+    (workdir / "config.yaml").write_text(config.replace(block, block + copy))
+    r = snakemake(workdir, targets=("results/tables/tiny2.csv",))
+    assert_refused(r, ": anchor &digits is defined again (first at line ")
+    assert "give this one another name, or drop it and refer to the first as *digits" in r.stderr
+    (workdir / "config.yaml").write_text(config.replace(block, block + copy.replace("&digits ", "")))
+    r = snakemake(workdir, targets=("results/tables/tiny2.csv",))
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = job_counts(r.stdout + r.stderr)
+    assert counts["distill"] == 5 and counts["tabulate"] == counts["prepare_data"] == 1
 
 
 def test_duplicate_key_in_an_overlay_is_refused(workdir):
@@ -431,6 +476,30 @@ for out in outs:
     for q in (p, p.with_suffix(extra.get(p.suffix, p.suffix))):
         q.write_text("stub")
 """
+
+
+def test_a_job_that_reads_a_damaged_input_names_it_the_rule_that_made_it_and_the_command(workdir):
+    """The stub makes placeholder networks; the real figure command then reads one and refuses it."""
+    stub = workdir / "bin" / "sidcore"
+    stub.parent.mkdir()
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}"}
+    made = subprocess.run([*SNAKEMAKE, "-c1", "results/tiny/sid/alpha1.0/generator.pt"], cwd=workdir,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert made.returncode == 0, made.stderr[-3000:]
+    r = subprocess.run([*SNAKEMAKE, "-c1", "results/figures/tiny-sid-alpha1.0.png"], cwd=workdir,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    said = re.findall(r"damaged input: .*", r.stderr)
+    assert said and said[0] in (
+        "damaged input: results/tiny/sid/alpha1.0/generator.pt (made by rule distill); make it again: snakemake "
+        "results/tiny/sid/alpha1.0/generator.pt --forcerun results/tiny/sid/alpha1.0/generator.pt (with your "
+        "other options)",
+        "damaged input: resources/teachers/trained/tiny.pt (made by rule train_teacher); make it again: snakemake "
+        "resources/teachers/trained/tiny.pt --forcerun resources/teachers/trained/tiny.pt (with your other "
+        "options)"), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
 
 
 def copy_repository(dest: Path) -> Path:

@@ -21,6 +21,8 @@ from sidcore.report.paper import PaperEntry
 from sidcore.summary import read_summary
 
 Run = tuple[str, float, Path]  # method, α, log.jsonl
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+LINES = ("-", "--", "-.", ":")
 
 
 def parse_run(method: str, alpha: str, log: str) -> Run:
@@ -43,9 +45,10 @@ def _printed(entry: PaperEntry) -> str:
 def _teacher_lines(axes: Axes, summary: Path | None, entries: list[PaperEntry]) -> None:
     """Dashed teacher lines: ours from its evaluation summary, else the paper's (one per NFE it reports)."""
     if summary is not None:
-        teacher = read_summary(summary, "fid", ("metrics", "nfe"))
+        teacher = read_summary(summary, "fid", ("metrics", "nfe", "runs", "num_images"))
         fid = teacher["metrics"]["fid"]["mean"]
-        lines = [(fid, f"Teacher, {teacher['nfe']} NFE (ours): {fid:.3f}")]
+        lines = [(fid, f"Teacher, {teacher['nfe']} NFE (ours, mean of {teacher['runs']} × "
+                       f"{teacher['num_images']:,} images): {fid:.3f}")]
     else:
         lines = [(entry.values["fid"][0], f"Teacher, {entry.nfe} NFE (paper): {_printed(entry)}")
                  for entry in entries]
@@ -61,10 +64,12 @@ def figure(runs: list[Run], teacher_summary: Path | None, table: str, size: str,
     FigureCanvasAgg(fig)
     axes = fig.add_subplot()
     colours: dict[tuple[str, float], str] = {}
-    for method, alpha, images, fids in curves:
+    for number, (method, alpha, images, fids) in enumerate(curves):
         colour = colours.setdefault((method, alpha), f"C{len(colours) % 10}")
-        axes.plot(images, fids, marker="o", markersize=3, linewidth=1.2, color=colour,
-                  label=method_label(method, alpha))
+        # Hollow markers of their own shape and size, line styles in turn: curves that coincide stay visible.
+        axes.plot(images, fids, marker=MARKERS[number % len(MARKERS)], markersize=7 - 4 * number / len(curves),
+                  fillstyle="none", linestyle=LINES[number % len(LINES)], linewidth=1.2, color=colour,
+                  label=f"{method_label(method, alpha)}: in-training FID")
     _teacher_lines(axes, teacher_summary, teachers)
     for entry in finals:
         colour = colours.setdefault((entry.method, entry.alpha), f"C{len(colours) % 10}")

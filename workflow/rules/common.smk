@@ -17,6 +17,7 @@
 # are CPU jobs, sent to SLURM by Snakemake's executor under the slurm profile.
 import functools
 import os
+import re
 import shlex
 import sys
 import time
@@ -88,6 +89,37 @@ def check_config() -> None:
             raise UserError(
                 f"datasets.{name}.cluster.jobs.encode: this stage runs as one process; "
                 "set nodes and gpus_per_node to 1"
+            )
+
+
+@functools.cache
+def warn_once(message) -> None:
+    """Print a warning of the plan once (input functions run more than once per job)."""
+    print(message, file=sys.stderr)
+
+
+# A sidcore command's refusal of an input file that is not what was written (its message starts so).
+DAMAGED_INPUT = re.compile(r"sidcore [a-z-]+: error: (\S+): (?:not a readable|its content is not what was written)")
+
+
+def explain_failure(logs) -> None:
+    """After a failed run (``onerror``, given Snakemake's log files): for each input a job found damaged, the
+    rule that makes it and the command that makes it again."""
+    def read(path) -> str:
+        try:
+            return open(path, errors="replace").read()
+        except OSError:
+            return ""
+
+    text = "".join(read(log) for log in ([logs] if isinstance(logs, str) else logs))
+    text += "".join(read(job_log) for job_log in re.findall(r"log: (\S+) \(check log file", text))  # failed jobs'
+    for path in dict.fromkeys(DAMAGED_INPUT.findall(text)):
+        makers = [r.name for r in workflow.rules if r.is_producer(path)]
+        if makers:
+            print(
+                f"damaged input: {path} (made by rule {makers[0]}); make it again: snakemake "
+                f"{shlex.quote(path)} --forcerun {shlex.quote(path)} (with your other options)",
+                file=sys.stderr,
             )
 
 
@@ -182,7 +214,6 @@ def gpu_resources(stage, single=False, study="main"):
 
 # This plan's id: a distillation it forces starts over once; its requeued or relaunched job continues.
 PLAN_ID = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-ANNOUNCED = set()  # runs whose changed settings the plan has named
 
 
 def forced(rule_name, outputs) -> bool:
@@ -221,13 +252,10 @@ def check_rerun(w, study) -> None:
             f"rerun error: {folder} was started with other settings: {', '.join(changed)}. Restore them, or train "
             "it again from image 0 with the earlier run kept aside: --config on_changed_settings=start-over"
         )
-    if folder not in ANNOUNCED:
-        ANNOUNCED.add(folder)
-        print(
-            f"{folder} was started with other settings: {', '.join(changed)}; it starts over from image 0, "
-            f"the earlier run kept aside as {folder}.kept-<time>-...",
-            file=sys.stderr,
-        )
+    warn_once(
+        f"{folder} was started with other settings: {', '.join(changed)}; it starts over from image 0, "
+        f"the earlier run kept aside as {folder}.kept-<time>-..."
+    )
 
 
 def logging_flags(w) -> str:

@@ -17,12 +17,18 @@ def data_zip(path: str, mtime: float, use_labels: bool):
 def prepare_inputs(w):
     """Files a data preparation job reads: the downloaded archive or the VAE that encodes latents. A local
     source must exist while the data is still to be made, and a ready-made EDM zip must have the shape
-    config.yaml gives the networks (data made here from config.yaml has it)."""
+    config.yaml gives the networks (data made here from config.yaml has it). A dry run plans without the local
+    data, with a warning: plans are looked at before terabytes are staged."""
     d = DATASETS[dataset_of_data(w.data)]
     s = resolve(config, dataset_of_data(w.data))
     with config_file.exit_on_user_error("config error"):
         if not os.path.exists(f"resources/data/{w.data}.zip"):
-            preflight.check_data_source(s)
+            try:
+                preflight.check_data_source(s)
+            except UserError as e:
+                if not workflow.dryrun:
+                    raise
+                warn_once(f"warning: {e} (a dry run plans without it; job prepare_data for {w.data} will need it)")
         if d["data"]["source"] == "edm-zip" and os.path.isfile(d["data"]["path"]):
             path = d["data"]["path"]
             preflight.check_data_shape(s, data_zip(path, os.path.getmtime(path), s["label_dim"] > 0))
@@ -155,7 +161,8 @@ def plot_inputs(w):
 def plot_args(w, input) -> str:
     """The runs' curves, and what identifies the dataset's paper numbers (its table and EDM2 size)."""
     d = DATASETS[w.dataset]
-    args = [run_args(w, input.logs), f"--table {d['table']}"]
+    title = report_table(d["table"]).title + ("" if w.dataset == d["table"] else f" ({w.dataset})")
+    args = [run_args(w, input.logs), f"--table {d['table']}", f"--title {shlex.quote(title)}"]
     if "size" in d:
         args.append(f"--size {shlex.quote(d['size'])}")
     if "teacher" in input.keys():

@@ -43,7 +43,7 @@ rule plot:
     params:
         args=plot_args,
     shell:
-        "sidcore plot --title {wildcards.dataset} {params.args} --out {output.png} --pdf {output.pdf} > {log} 2>&1"
+        "sidcore plot {params.args} --out {output.png} --pdf {output.pdf} > {log} 2>&1"
 
 
 # The training dynamics the distillations' instruments logged (sidcore/instruments.py): the discriminator, the
