@@ -86,9 +86,12 @@ class Distiller:
         self.true_score = teacher.to(self.device).eval().requires_grad_(False)
         # The fake score starts as the teacher; it keeps the log-variance head only if the losses use it.
         self.fake_score = self.copy_weights(teacher, network if logvar else self.network)
+        self.start_kimg = 0.0  # images the generator had seen when this run began (SiD²A: its SiD start's)
         if init_path is not None:  # SiD²A: the generator starts from a distilled SiD generator
-            G, _ = checkpoint.load_network(init_path, **overrides)
+            init = checkpoint.load_snapshot(init_path)
+            G, _ = checkpoint.load_network(init_path, init, **overrides)
             self.G = G.to(self.device).eval().requires_grad_(False)  # train mode only inside its own step
+            self.start_kimg = float(init["meta"].get("kimg") or 0.0)
         else:
             self.G = self.copy_weights(teacher, self.network)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
@@ -111,7 +114,8 @@ class Distiller:
         g = torch.Generator().manual_seed(d.seed + 7)  # fixed latents and labels of the sample grids
         grid_z = torch.randn([64, *self.shape], generator=g)
         grid_labels = self.dataset.one_hot(torch.randint(len(self.dataset), (64,), generator=g))
-        self.selection = ModelSelection(settings, self.network, self.outdir, self.ctx, grid_z, grid_labels, self.vae)
+        self.selection = ModelSelection(settings, self.network, self.outdir, self.ctx, grid_z, grid_labels, self.vae,
+                                        self.start_kimg)
 
         self.cur_nimg = 0  # images seen
         self.cur_tick, self.tick_start_nimg = 0, 0  # the tick under way (its record not written yet), its start
@@ -267,7 +271,9 @@ class Distiller:
                 record = {"kimg": self.cur_nimg / 1000, "tick": tick, "stage": self.stage(self.cur_nimg - d.batch),
                           "sec_per_kimg": tick_pace.seconds_per_unit(), "eta_sec": run_pace.eta(),
                           "peak_mem_mb": peak_memory_mb(self.device), "device": device_name(self.device),
-                          "processes": ctx.world_size, "batch_gpu": self.batch_gpu, **summarize(stats, iterations),
+                          "processes": ctx.world_size, "batch_gpu": self.batch_gpu,
+                          **({"start_kimg": self.start_kimg} if self.start_kimg else {}),
+                          **summarize(stats, iterations),
                           **self.probes}
                 stats, iterations, self.probes = {}, 0, {}
                 if self.selection.due(tick, done):

@@ -208,6 +208,7 @@ def evaluate_runs(settings: dict, model: str, kind: str, data: str, refs: str, d
               "alpha": None if kind == "teacher" else settings["alpha"],
               "source": "ours" if released is None else "released", "released_key": released,
               "num_images": ev.num_images, "batch": ev.batch, "nfe": nfe, "kimg": snap["meta"].get("kimg"),
+              "start_kimg": snap["meta"].get("start_kimg"),
               "detector": settings["detector"]["name"], "detectors": detectors, "model_sha256": sha256_file(model),
               "refs_sha256": sha256_file(refs), "world_size": ctx.world_size}
     if pr_reference is not None:

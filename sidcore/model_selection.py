@@ -34,8 +34,9 @@ class ModelSelection:
     """The best FID so far and the G_ema files of a run directory (written by rank 0)."""
 
     def __init__(self, settings: dict, network: dict, outdir: Path, ctx: Context, grid_z: torch.Tensor,
-                 grid_labels: torch.Tensor, vae: StabilityVAE | None) -> None:
+                 grid_labels: torch.Tensor, vae: StabilityVAE | None, start_kimg: float = 0.0) -> None:
         self.settings, self.d, self.network = settings, settings["distill"], network
+        self.start_kimg = start_kimg  # recorded in the snapshots: the images seen before this run
         self.outdir, self.ctx = outdir, ctx
         self.grid_z, self.grid_labels, self.vae = grid_z, grid_labels, vae
         self.best_fid, self.best_kimg = float("inf"), None
@@ -55,8 +56,9 @@ class ModelSelection:
             grid = self.save_grid(G_ema, nimg)
             if board is not None:
                 board.grid(grid, nimg)
+            start = {"start_kimg": self.start_kimg} if self.start_kimg else {}
             snap = checkpoint.network_snapshot(G_ema, self.network, kimg=kimg, fid=fid, alpha=self.settings["alpha"],
-                                               method=self.settings["method"], **sampling(self.settings))
+                                               method=self.settings["method"], **start, **sampling(self.settings))
             checkpoint.save_atomic(snap, self.outdir / f"snapshot-{nimg:012d}.pt")
             if self.best_kimg == kimg:
                 checkpoint.save_atomic(snap, self.outdir / "best-snapshot.pt")

@@ -77,7 +77,8 @@ def summarize(runs: list[dict], table: str, ddof: int) -> dict:
         metrics[name] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
     return {"dataset": first["dataset"], "table": table, "size": first.get("size"), "method": first["method"],
             "alpha": first["alpha"], "source": first["source"], "released_key": first.get("released_key"),
-            "nfe": first["nfe"], "kimg": first["kimg"], "runs": len(runs), "num_images": first["num_images"],
+            "nfe": first["nfe"], "kimg": first["kimg"], "start_kimg": first.get("start_kimg"), "runs": len(runs),
+            "num_images": first["num_images"],
             "detector": first["detector"], "detectors": first.get("detectors", {}), "std_ddof": ddof,
             "std": f"{'sample' if ddof == 1 else 'population'} standard deviation (ddof {ddof}) over the runs",
             "seed_base": first.get("seed_base"), "model_sha256": first["model_sha256"],

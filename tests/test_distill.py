@@ -310,3 +310,24 @@ def test_a_sid2a_start_samples_in_eval_mode_and_every_network_keeps_the_official
     recorder = ModeRecorder(resumed)
     resumed.run(fake_fid, log=lambda m: None)
     recorder.check_official_order({2, 3})
+
+
+def test_a_sid2a_run_counts_the_images_its_start_had_seen(files, tmp_path):
+    """Its progress records and its snapshots carry the SiD generator's images seen (the plot and the table
+    count from there)."""
+    init = sid_start(files, tmp_path)
+    snap = checkpoint.load_snapshot(init)
+    start = 0.048  # the SiD generator's images seen
+    checkpoint.save_atomic({**snap, "meta": {**snap["meta"], "kimg": start}}, init)
+    out = tmp_path / "sid2a"
+    out.mkdir()
+    Distiller(settings("sid2a"), files / "teacher.pt", files / "data.zip", out, init_path=init).run(
+        fake_fid, log=lambda m: None)
+    assert {r["start_kimg"] for r in log_records(out)} == {start}
+    assert checkpoint.load_snapshot(out / "generator.pt")["meta"]["start_kimg"] == start
+    sid = tmp_path / "sid"
+    sid.mkdir()
+    Distiller(settings("sid", duration_kimg=0.032), files / "teacher.pt", files / "data.zip", sid).run(
+        fake_fid, log=lambda m: None)
+    assert not any("start_kimg" in r for r in log_records(sid))
+    assert "start_kimg" not in checkpoint.load_snapshot(sid / "generator.pt")["meta"]

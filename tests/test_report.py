@@ -75,6 +75,26 @@ def test_tiny_table_lists_teacher_first_with_formatted_values(tmp_path: Path) ->
     assert table.iloc[1]["FID (ours)"] == "1.400"  # a single run has no std
 
 
+def test_a_sid2a_row_counts_its_start_s_images_and_says_how_many(tmp_path: Path) -> None:
+    path = write_summary(tmp_path, "tiny", "sid2a", 1.0, fid=(1.1, 0.01), kimg=4.032)
+    summary = json.loads(path.read_text())
+    path.write_text(json.dumps({**summary, "start_kimg": 20.032}))
+    out = tmp_path / "tiny.csv"
+    assert run_cli("tabulate", "--table", "tiny", "--summaries", str(path), "--out", str(out)) == 0
+    row = pd.read_csv(out, dtype=str, keep_default_na=False).iloc[0]
+    assert row["images seen (Mimg)"] == "0.024 (start 0.02)"
+
+
+def test_a_sid2a_curve_starts_where_its_start_ended(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "sid2a.jsonl", {0.064: 20.0, 2.112: 5.0})
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({**r, "start_kimg": 20.032}) + "\n" for r in records))
+    fig = plot.figure([("sid2a", 1.0, log)], None, "tiny", "", "")
+    [curve] = [line for line in fig.axes[0].get_lines() if "in-training" in line.get_label()]
+    assert list(curve.get_xdata()) == [20096.0, 22144.0]
+    assert curve.get_label() == "SiD²A, α = 1.0: in-training FID, from its start at 20,032 images"
+
+
 def test_cifar10_uncond_table_has_every_paper_row_and_our_delta(tmp_path: Path) -> None:
     paths = [write_summary(tmp_path, "cifar10-uncond", "sid", 1.2, fid=(1.950, 0.020),
                            kimg=204800.0, **{"is": (9.95, 0.04)}),

@@ -56,20 +56,29 @@ def _teacher_lines(axes: Axes, summary: Path | None, entries: list[PaperEntry]) 
         axes.axhline(fid, color="black", alpha=1.0 - 0.4 * number, linestyle="--", linewidth=1, label=label)
 
 
+def from_start(records: list[dict], where: str) -> tuple[float, list[float], list[float]]:
+    """The in-training FID curve against the images the generator has seen, those before the run included
+    (a SiD²A run continues its SiD start's count), and that start."""
+    images, fids = curve(records, "fid", where)
+    start = 1000 * records[0].get("start_kimg", 0.0)
+    return start, [start + x for x in images], fids
+
+
 def figure(runs: list[Run], teacher_summary: Path | None, table: str, size: str, title: str) -> Figure:
     """Build the plot; each curve is checked before anything is drawn."""
-    curves = [(method, alpha, *curve(read_log(path), "fid", str(path))) for method, alpha, path in runs]
+    curves = [(method, alpha, *from_start(read_log(path), str(path))) for method, alpha, path in runs]
     teachers, finals = paper_fids(table, size)
     fig = Figure(figsize=(8.0, 4.8))
     FigureCanvasAgg(fig)
     axes = fig.add_subplot()
     colours: dict[tuple[str, float], str] = {}
-    for number, (method, alpha, images, fids) in enumerate(curves):
+    for number, (method, alpha, start, images, fids) in enumerate(curves):
         colour = colours.setdefault((method, alpha), f"C{len(colours) % 10}")
         # Hollow markers of their own shape and size, line styles in turn: curves that coincide stay visible.
         axes.plot(images, fids, marker=MARKERS[number % len(MARKERS)], markersize=7 - 4 * number / len(curves),
                   fillstyle="none", linestyle=LINES[number % len(LINES)], linewidth=1.2, color=colour,
-                  label=f"{method_label(method, alpha)}: in-training FID")
+                  label=f"{method_label(method, alpha)}: in-training FID"
+                        + (f", from its start at {start:,.0f} images" if start else ""))
     _teacher_lines(axes, teacher_summary, teachers)
     for entry in finals:
         colour = colours.setdefault((entry.method, entry.alpha), f"C{len(colours) % 10}")
@@ -79,7 +88,7 @@ def figure(runs: list[Run], teacher_summary: Path | None, table: str, size: str,
     axes.set_yscale("log")
     axes.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # FID 2, 3, 10 rather than 2×10⁰
     axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-    axes.set_xlabel("images seen")
+    axes.set_xlabel("images seen by the generator")
     axes.set_ylabel("FID")
     if title:
         axes.set_title(title)

@@ -72,6 +72,14 @@ def _text(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
+def _images_seen(summary: dict) -> str:
+    """Images the generator has seen, its start's included: SiD²A's cell reads ``0.024 (start 0.02)``."""
+    kimg, start = summary.get("kimg"), summary.get("start_kimg")
+    if kimg is None or not start:
+        return _mimg(kimg)
+    return f"{_mimg(kimg + start)} (start {_mimg(start)})"
+
+
 def _mimg(kimg: float | None) -> str:
     if kimg is None:
         return ""
@@ -149,7 +157,7 @@ def _row(model: str, family: str, status: str, entry: PaperEntry | None, summary
     return {"model": model, "family": family, "method": model_id["method"],
             "alpha": alpha_text(model_id.get("alpha")), "size": model_id.get("size") or "",
             "CFG": "" if entry is None else entry.cfg, "NFE": _text(model_id.get("nfe")),
-            "images seen (Mimg)": _mimg(summary.get("kimg")), "runs": _text(summary.get("runs")),
+            "images seen (Mimg)": _images_seen(summary), "runs": _text(summary.get("runs")),
             **_metric_cells(metrics, ours, entry, with_paper),
             "paper source": "" if entry is None else entry.source, "status": status}
 
