@@ -477,13 +477,18 @@ for out in outs:
 """
 
 
-def test_a_job_that_reads_a_damaged_input_names_it_the_rule_that_made_it_and_the_command(workdir):
-    """The stub makes placeholder networks; the real figure command then reads one and refuses it."""
+def with_stub(workdir: Path) -> dict:
+    """An environment whose `sidcore` is the stub (in ``workdir/bin``)."""
     stub = workdir / "bin" / "sidcore"
     stub.parent.mkdir()
     stub.write_text(STUB)
     stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}"}
+    return {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_a_job_that_reads_a_damaged_input_names_it_the_rule_that_made_it_and_the_command(workdir):
+    """The stub makes placeholder networks; the real figure command then reads one and refuses it."""
+    env = with_stub(workdir)
     made = subprocess.run([*SNAKEMAKE, "-c1", "results/tiny/sid/alpha1.0/generator.pt"], cwd=workdir,
                           capture_output=True, text=True, timeout=600, env=env)
     assert made.returncode == 0, made.stderr[-3000:]
@@ -544,11 +549,7 @@ def test_default_profile_runs_gpu_stages_as_local_processes(tmp_path):
 
 def test_new_alpha_adds_only_its_jobs(workdir):
     """With every output made, a new SiD alpha adds its distillation and evaluations and re-tabulates."""
-    stub = workdir / "bin" / "sidcore"
-    stub.parent.mkdir()
-    stub.write_text(STUB)
-    stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}"}
+    env = with_stub(workdir)
     target = "results/tables/tiny.csv"
     r = subprocess.run([*SNAKEMAKE, "-c1", target], cwd=workdir, capture_output=True, text=True, timeout=600,
                        env=env)
