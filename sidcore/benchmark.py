@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -259,6 +260,16 @@ def _child(args: list[str]) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+def load_warning() -> str | None:
+    """A warning when the machine's 1-minute load average exceeds the cores this process may use: the timings
+    then measure the other work too (idle spinning threads slow a loaded CPU run several-fold)."""
+    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    if load <= cores:
+        return None
+    return (f"warning: load average {load:.1f} on {cores} cores: other work shares them, so the next timing "
+            "is of a busy machine; compare timings taken at the same load only")
+
+
 def format_row(r: dict) -> str:
     head = f"{r['layout']:<10} {r.get('method', 'eval'):<5} {r['engine']:<15} {r['device']:<6} batch {r['batch']:<3}"
     if r["kind"] == "evaluation":
@@ -288,6 +299,8 @@ def run(layouts: list[str], methods: list[str], engines: list[str], repeats: int
             if evaluation and (engine_name == "eager" or generates_differently(ENGINES[engine_name])):
                 jobs.append(["--only", f"{layout}:evaluation:{engine_name}"])
             for job in jobs:
+                if (warning := load_warning()) is not None:
+                    log(warning)
                 rows.append(_child([*job, "--repeats", str(repeats)]))
                 log(format_row(rows[-1]))
     if out:
