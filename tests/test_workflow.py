@@ -497,12 +497,12 @@ def test_a_job_that_reads_a_damaged_input_names_it_the_rule_that_made_it_and_the
     assert r.returncode != 0
     said = re.findall(r"damaged input: .*", r.stderr)
     assert said and said[0] in (
-        "damaged input: results/tiny/sid/alpha1.0/generator.pt (made by rule distill); make it again: snakemake "
-        "results/tiny/sid/alpha1.0/generator.pt --forcerun results/tiny/sid/alpha1.0/generator.pt (with your "
-        "other options)",
-        "damaged input: resources/teachers/trained/tiny.pt (made by rule train_teacher); make it again: snakemake "
-        "resources/teachers/trained/tiny.pt --forcerun resources/teachers/trained/tiny.pt (with your other "
-        "options)"), r.stderr[-3000:]
+        "damaged input: results/tiny/sid/alpha1.0/generator.pt (made by the distill rule); make it again with "
+        "snakemake results/tiny/sid/alpha1.0/generator.pt --forcerun results/tiny/sid/alpha1.0/generator.pt (and "
+        "your other options)",
+        "damaged input: resources/teachers/trained/tiny.pt (made by the train_teacher rule); make it again with "
+        "snakemake resources/teachers/trained/tiny.pt --forcerun resources/teachers/trained/tiny.pt (and your "
+        "other options)"), r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
 
 

@@ -105,6 +105,7 @@ DAMAGED_INPUT = re.compile(r"sidcore [a-z-]+: error: (\S+): (?:not a readable|it
 def explain_failure(logs) -> None:
     """After a failed run (``onerror``, given Snakemake's log files): for each input a job found damaged, the
     rule that makes it and the command that makes it again."""
+
     def read(path) -> str:
         try:
             return open(path, errors="replace").read()
@@ -117,8 +118,8 @@ def explain_failure(logs) -> None:
         makers = [r.name for r in workflow.rules if r.is_producer(path)]
         if makers:
             print(
-                f"damaged input: {path} (made by rule {makers[0]}); make it again: snakemake "
-                f"{shlex.quote(path)} --forcerun {shlex.quote(path)} (with your other options)",
+                f"damaged input: {path} (made by the {makers[0]} rule); make it again with snakemake "
+                f"{shlex.quote(path)} --forcerun {shlex.quote(path)} (and your other options)",
                 file=sys.stderr,
             )
 
