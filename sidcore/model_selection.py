@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sidcore import checkpoint, progress_log
+from sidcore import checkpoint, progress_log, run_record
 from sidcore.atomic import atomic_path
 from sidcore.distributed import Context, broadcast
 from sidcore.latent import StabilityVAE
@@ -82,6 +82,6 @@ class ModelSelection:
         best = self.outdir / "best-snapshot.pt"
         if not best.exists():
             raise RuntimeError(f"{self.outdir}: no evaluation produced a finite FID; no generator to publish")
-        for src, dst in ((best, "generator.pt"), (self.outdir / progress_log.FILE, "log.jsonl")):
+        for src, dst in ((best, run_record.GENERATOR_FILE), (self.outdir / progress_log.FILE, "log.jsonl")):
             with atomic_path(self.outdir / dst) as tmp:
                 shutil.copyfile(src, tmp)

@@ -84,15 +84,16 @@ def settings_changes(outdir: Path, settings: dict) -> list[str]:
     return changes(record["settings"], training_settings(settings))
 
 
-def decide(outdir: Path, settings: dict, inputs: dict, start: str | None, on_change: str) -> str | None:
-    """Why the run in ``outdir`` must start over (keeping the earlier run aside), or None to continue it (or to
-    start a run the directory does not hold yet). ``inputs``: the sha256 of the networks the run starts from;
-    ``start``: the plan's start-over id, if it forces the run; ``on_change``: one of ``ON_CHANGE``."""
+def decide(outdir: Path, record: dict | None, settings: dict, inputs: dict, start: str | None,
+           on_change: str) -> str | None:
+    """Why the run in ``outdir`` (whose record is ``record``) must start over, keeping the earlier run aside, or
+    None to continue it (or to start a run the directory does not hold yet). ``inputs``: the sha256 of the
+    networks the run starts from; ``start``: the plan's start-over id, if it forces the run; ``on_change``: one
+    of ``ON_CHANGE``."""
     outdir = Path(outdir)
     state, generator = (outdir / STATE_FILE).exists(), (outdir / GENERATOR_FILE).exists()
     if not (state or generator):
         return None
-    record = read(outdir)
     if start is not None and (record is None or record["start"] != start):
         return "forced"
     if not state:

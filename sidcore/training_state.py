@@ -79,10 +79,11 @@ def begin(outdir: Path, ctx: Context, settings: dict, inputs: dict[str, str | No
     if ctx.is_main:
         try:
             digests = {name: sha256_file(Path(path)) for name, path in inputs.items() if path is not None}
-            why = run_record.decide(outdir, settings, digests, start, on_change)
+            record = run_record.read(outdir)
+            why = run_record.decide(outdir, record, settings, digests, start, on_change)
             if why is not None:
                 log(f"starting {outdir} over ({why}): the earlier run is kept as {run_record.keep_aside(outdir, why)}")
-            if why is not None or run_record.read(outdir) is None:
+            if why is not None or record is None:
                 run_record.write(outdir, settings, digests, start)
         except UserError as e:
             error = str(e)
