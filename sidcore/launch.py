@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,10 +169,12 @@ def _child_setup() -> None:
 class Launcher:
     """Submit one job, follow it to the end, and cancel it if the launcher is interrupted."""
 
-    def __init__(self, spec: JobSpec, argv: list[str], folder: Path, lost_after_s: float = 120.0) -> None:
+    def __init__(self, spec: JobSpec, argv: list[str], folder: Path, lost_after_s: float = 120.0,
+                 echo: Callable[[str], None] = lambda line: None) -> None:
         self.spec, self.argv, self.folder = spec, argv, Path(folder)
         self.poll_s = POLL_S[spec.executor]
         self.lost_after_s = lost_after_s
+        self.echo = echo  # a copy of the launcher's messages and of rank 0's narration (the console)
         self.job: submitit.Job | None = None
 
     def run(self) -> int:
@@ -183,7 +186,7 @@ class Launcher:
             self.job = executor.submit(StageTask(self.argv, self.spec.cpus_per_task))
             with open(self.folder / "jobs.txt", "a") as f:  # every job of this stage, newest last
                 f.write(f"{self.job.job_id}\t{time.strftime('%Y-%m-%d %H:%M:%S')}\t{' '.join(self.argv[:1])}\n")
-            _say(f"submitted {self.spec.executor} job {self.job.job_id} ({self.spec.nodes} node(s) × "
+            self._say(f"submitted {self.spec.executor} job {self.job.job_id} ({self.spec.nodes} node(s) × "
                  f"{self.spec.tasks_per_node} task(s)); logs: {self.folder}/{self.job.job_id}_<task>_log.out|err")
             return self._follow()
         finally:
@@ -191,12 +194,12 @@ class Launcher:
                 signal.signal(s, h)
 
     def _follow(self) -> int:
-        job, relay, state, gone_since = self.job, Relay(self.job), "", None
+        job, relay, state, gone_since = self.job, Relay(self.job, self.echo), "", None
         while not job.done():
             relay.flush()
             if job.state != state:
                 state = job.state
-                _say(f"job {job.job_id}: {state}")
+                self._say(f"job {job.job_id}: {state}")
             if self.spec.executor == "slurm" and not in_queue(job.job_id):
                 # Ended without a result. With accounting, submitit sees that (done() above); without it,
                 # only the queue tells, once the results had time to appear on a shared file system.
@@ -213,29 +216,34 @@ class Launcher:
             exited = EXITED.search(str(e))
             return self._failed(exited.group(1) if exited else str(e).strip().splitlines()[-1] if str(e).strip()
                                 else repr(e))
-        _say(f"job {job.job_id}: finished")
+        self._say(f"job {job.job_id}: finished")
         return 0
+
+    def _say(self, message: str) -> None:
+        print(f"[launch] {message}", flush=True)
+        self.echo(f"[launch] {message}")
 
     def _failed(self, reason: str) -> int:
         job = self.job
-        _say(f"job {job.job_id} failed (state {job.state}): {reason}")
+        self._say(f"job {job.job_id} failed (state {job.state}): {reason}")
         for task in range(self.spec.nodes * self.spec.tasks_per_node):
             stderr = job.task(task).paths.stderr
-            _say(f"--- task {task} stderr (last lines of {stderr}):\n" + tail(stderr, without_exit_report=True))
+            self._say(f"--- task {task} stderr (last lines of {stderr}):\n" + tail(stderr, without_exit_report=True))
         return 1
 
     def _cancel(self, signum, frame) -> None:
         if self.job is not None and not self.job.done():
-            _say(f"{signal.Signals(signum).name}: cancelling job {self.job.job_id}")
+            self._say(f"{signal.Signals(signum).name}: cancelling job {self.job.job_id}")
             self.job.cancel(check=False)
         raise SystemExit(128 + signum)
 
 
 class Relay:
-    """Copies new lines of rank 0's output into the launcher's log, so a person can follow the run there."""
+    """Copies new lines of rank 0's output into the launcher's log, so a person can follow the run there, and
+    passes its narration (not submitit's bookkeeping) to ``echo``."""
 
-    def __init__(self, job: submitit.Job) -> None:
-        self.path, self.offset = job.task(0).paths.stdout, 0
+    def __init__(self, job: submitit.Job, echo: Callable[[str], None]) -> None:
+        self.path, self.offset, self.echo = job.task(0).paths.stdout, 0, echo
 
     def flush(self) -> None:
         try:
@@ -246,9 +254,13 @@ class Relay:
             return
         end = data.rfind(b"\n") + 1
         if end:
-            sys.stdout.write(data[:end].decode(errors="replace"))
+            text = data[:end].decode(errors="replace")
+            sys.stdout.write(text)
             sys.stdout.flush()
             self.offset += end
+            for line in text.splitlines():
+                if not line.startswith("submitit "):
+                    self.echo(line)
 
 
 def in_queue(job_id: str) -> bool:
@@ -276,13 +288,11 @@ def tail(path: Path, lines: int = 30, without_exit_report: bool = False) -> str:
     return "\n".join(text[-lines:])
 
 
-def _say(message: str) -> None:
-    print(f"[launch] {message}", flush=True)
-
-
-def launch(spec: JobSpec, command: list[str], logdir: Path, lost_after_s: float) -> int:
-    """Run ``command`` (a sidcore command line) as the job ``spec``; its exit status."""
+def launch(spec: JobSpec, command: list[str], logdir: Path, lost_after_s: float,
+           echo: Callable[[str], None] = lambda line: None) -> int:
+    """Run ``command`` (a sidcore command line) as the job ``spec``; its exit status. ``echo`` gets a copy of
+    each line of progress (the launcher's messages, rank 0's narration)."""
     if not command:
         raise UserError("launch: give the sidcore command to run after `--`")
     logdir.mkdir(parents=True, exist_ok=True)
-    return Launcher(spec, command, logdir, lost_after_s=lost_after_s).run()
+    return Launcher(spec, command, logdir, lost_after_s=lost_after_s, echo=echo).run()

@@ -1,5 +1,6 @@
-"""The GPU jobs of a table, described for its bill (``sidcore plan``, ``sidcore.report.bill``): built by the
-workflow from each job's resolved settings, light enough to import where Snakemake parses the workflow."""
+"""The long jobs of a table (its GPU stages and the CPU teacher training), described for its bill (``sidcore
+plan``, ``sidcore.report.bill``): built by the workflow from each job's resolved settings, with the files it
+waits for (``after``: other jobs' outputs), light enough to import where Snakemake parses the workflow."""
 from __future__ import annotations
 
 import hashlib
@@ -9,40 +10,51 @@ from pathlib import Path
 from sidcore.errors import UserError
 from sidcore.settings import loads, network_settings
 
-COMMON_KEYS = ("stage", "dataset", "table", "gpus", "outputs", "network", "detector", "metrics", "latent")
+COMMON_KEYS = ("stage", "dataset", "table", "gpus", "local", "outputs", "after", "network", "detector", "metrics",
+               "latent")
 STAGE_KEYS = {"distill": ("run_dir", "method", "alpha", "duration_kimg", "tick_kimg", "batch", "eval_images",
                           "snap_ticks", "eval_early_ticks", "eval_first_tick"),
               "evaluate": ("model", "teacher_steps", "num_images"),
-              "encode": ("source",)}
+              "encode": ("source",),
+              "train_teacher": ("kimg", "batch")}
+CPU_STAGES = ("train_teacher",)  # run on CPU cores wherever they run; the others on the GPUs they are given
 
 
-def _common(settings: dict, stage: str, gpus: int, outputs: list[str]) -> dict:
-    """What every job's bill reads: its networks, its evaluation's detectors and where its outputs go."""
+def _common(settings: dict, stage: str, gpus: int, local: bool, outputs: list[str], after: list[str]) -> dict:
+    """What every job's bill reads: its networks, its evaluation's detectors, where it runs (``local``: on this
+    machine), where its outputs go and what it waits for."""
     return {"stage": stage, "dataset": settings["dataset"], "table": settings["table"], "gpus": gpus,
-            "outputs": outputs, "network": network_settings(settings), "detector": settings["detector"]["name"],
-            "metrics": list(settings["metrics"]), "latent": "latent" in settings}
+            "local": local, "outputs": outputs, "after": after, "network": network_settings(settings),
+            "detector": settings["detector"]["name"], "metrics": list(settings["metrics"]),
+            "latent": "latent" in settings}
 
 
-def distill_job(settings: dict, gpus: int, run_dir: str) -> dict:
+def teacher_training_job(settings: dict, local: bool, output: str, after: list[str]) -> dict:
+    """The training of a teacher from scratch (``teacher.train``: the tiny experiments), a CPU job."""
+    t = settings["teacher"]["train"]
+    return {**_common(settings, "train_teacher", 0, local, [output], after), "kimg": t.kimg, "batch": t.batch}
+
+
+def distill_job(settings: dict, gpus: int, local: bool, run_dir: str, after: list[str]) -> dict:
     """A distillation into ``run_dir``: its budget and the schedule of its in-training evaluations."""
     d = settings["distill"]
-    return {**_common(settings, "distill", gpus, [f"{run_dir}/generator.pt"]), "run_dir": run_dir,
+    return {**_common(settings, "distill", gpus, local, [f"{run_dir}/generator.pt"], after), "run_dir": run_dir,
             "method": settings["method"], "alpha": settings["alpha"], "duration_kimg": d.duration_kimg,
             "tick_kimg": d.tick_kimg, "batch": d.batch, "eval_images": d.eval_images, "snap_ticks": d.snap_ticks,
             "eval_early_ticks": list(d.eval_early_ticks), "eval_first_tick": d.eval_first_tick}
 
 
-def evaluation_job(settings: dict, gpus: int, model: str, outputs: list[str]) -> dict:
+def evaluation_job(settings: dict, gpus: int, local: bool, model: str, outputs: list[str], after: list[str]) -> dict:
     """The evaluation runs ``outputs`` of ``model`` (``teacher``: sampled in ``teacher_eval.num_steps`` steps, or a
     one-step generator's name)."""
     steps = settings["teacher_eval"]["num_steps"] if model == "teacher" else None
-    return {**_common(settings, "evaluate", gpus, outputs), "model": model, "teacher_steps": steps,
+    return {**_common(settings, "evaluate", gpus, local, outputs, after), "model": model, "teacher_steps": steps,
             "num_images": settings["evaluation"].num_images}
 
 
-def encode_job(settings: dict, gpus: int, output: str) -> dict:
+def encode_job(settings: dict, gpus: int, local: bool, output: str) -> dict:
     """The VAE encoding of a latent dataset's image folder into ``output``."""
-    return {**_common(settings, "encode", gpus, [output]), "source": settings["data"]["path"]}
+    return {**_common(settings, "encode", gpus, local, [output], []), "source": settings["data"]["path"]}
 
 
 def loads_jobs(text: str, flag: str) -> list[dict]:

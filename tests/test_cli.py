@@ -88,3 +88,33 @@ def test_compute_commands_switch_network_libraries_offline(monkeypatch, tmp_path
     assert_user_error(capsys, "--settings is not valid JSON", ["prepare-data", "--settings", "{", "--out",
                                                                str(tmp_path / "x.zip")])
     assert all(os.environ[k] == v for k, v in cli.OFFLINE_ENV.items())
+
+
+def sidcore(*argv: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidcore.cli", *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_log_takes_the_output_and_the_console_gets_the_narration_under_the_jobs_name(tmp_path):
+    """How every rule runs a command: ``sidcore --log logs/<rule>/<job>.log COMMAND``."""
+    (tmp_path / "logs/check").mkdir(parents=True)
+    (tmp_path / "c.yaml").write_text("a: 1\n")
+    r = sidcore("--log", "logs/check/good.log", "check-config", "c.yaml", cwd=tmp_path)
+    said = "c.yaml: plain values, readable as a configuration or an overlay"
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == f"[check/good] {said}\n"
+    assert (tmp_path / "logs/check/good.log").read_text() == said + "\n"
+
+    r = sidcore("--log", "logs/check/bad.log", "check-config", "missing.yaml", cwd=tmp_path)
+    log = (tmp_path / "logs/check/bad.log").read_text()
+    assert r.returncode == cli.USER_ERROR_EXIT and log.startswith("sidcore check-config: error: ")
+    assert r.stderr == "[check/bad] error: " + log.split("error: ", 1)[1]  # the refusal on the console too
+    r = sidcore("--log", "logs/check/flag.log", "check-config", "c.yaml", "--no-such-flag", cwd=tmp_path)
+    assert r.returncode == 2 and "unrecognized arguments" in (tmp_path / "logs/check/flag.log").read_text()
+    r = sidcore("--log", "no/such/folder.log", "check-config", "c.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("sidcore: error: --log no/such/folder.log: ")
+
+
+def test_the_command_is_found_after_the_global_options():
+    assert cli.command_of(["--log", "logs/distill/x.log", "distill", "--settings", "{}"]) == "distill"
+    assert cli.command_of(["--debug", "--log=x.log", "evaluate"]) == "evaluate"
+    assert cli.logged_to(["--log=x.log", "evaluate"]) == "x.log" and cli.logged_to(["evaluate", "--log", "y"]) is None

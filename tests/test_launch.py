@@ -90,3 +90,22 @@ def test_local_job_failure_shows_the_commands_error(tmp_path):
     r = launch(tmp_path, "ddp-check")  # --out missing
     assert r.returncode == 1
     assert "failed" in r.stdout and "the following arguments are required: --out" in r.stdout
+
+
+def test_the_relay_copies_rank_0s_output_and_echoes_its_narration_line_by_line(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from sidcore.launch import Relay
+    out = tmp_path / "0_0_log.out"
+    job = SimpleNamespace(task=lambda rank: SimpleNamespace(paths=SimpleNamespace(stdout=out)))
+    echoed: list[str] = []
+    relay = Relay(job, echoed.append)
+    relay.flush()  # no output yet
+    out.write_text("submitit INFO (2026-12-07) - Starting\ndistilling tiny sid\ntick 0  kimg 0.1")
+    relay.flush()
+    assert echoed == ["distilling tiny sid"]  # not submitit's bookkeeping, not the unfinished line
+    with open(out, "a") as f:
+        f.write("  sec/kimg 3.9\n")
+    relay.flush()
+    assert echoed[-1] == "tick 0  kimg 0.1  sec/kimg 3.9"
+    assert capsys.readouterr().out == out.read_text()  # the launcher's log has every line

@@ -22,6 +22,7 @@ from sidcore.report import bill
 from sidcore.settings import network_settings, resolve
 
 workdir = test_workflow.workdir  # the fixture: a copy of the workflow to run Snakemake in
+TOTALS = ["total, one job after another", "total, as the DAG allows"]
 
 
 def networks() -> dict[str, dict]:
@@ -84,7 +85,7 @@ def test_flops_predict_table8s_h100_columns_from_each_other_within_15_percent():
 
 def distill_job(tmp_path, dataset="cifar10-uncond", method="sid", alpha=1.2, gpus=8, **distill) -> dict:
     s = job(dataset, method, alpha, distill=distill or None)
-    return plan.distill_job(s, gpus, str(tmp_path / f"{dataset}-{method}"))
+    return plan.distill_job(s, gpus, False, str(tmp_path / f"{dataset}-{method}"), [])
 
 
 def test_a_run_not_started_costs_table8s_rate_and_its_evaluations(tmp_path):
@@ -115,7 +116,7 @@ def test_a_run_under_way_is_billed_from_its_own_log_for_what_remains(tmp_path):
 def test_the_jobs_a_bill_reads_are_the_jobs_the_workflow_describes(tmp_path):
     """``sidcore plan --jobs`` takes exactly what the job builders write, and names what a job lacks."""
     s = resolve(CONFIG, "cifar10-uncond")
-    jobs = [distill_job(tmp_path), plan.evaluation_job(s, 1, "teacher", ["r.json"])]
+    jobs = [distill_job(tmp_path), plan.evaluation_job(s, 1, False, "teacher", ["r.json"], [])]
     for described in jobs:
         assert set(described) == set(plan.COMMON_KEYS + plan.STAGE_KEYS[described["stage"]])
     assert plan.loads_jobs(plan.dumps(jobs), "--jobs") == json.loads(plan.dumps(jobs))["jobs"]
@@ -131,12 +132,12 @@ def test_finished_jobs_are_not_billed_and_evaluations_count_missing_runs(tmp_pat
     runs = [tmp_path / f"run{r}.json" for r in range(10)]
     for r in runs[:7]:
         r.write_text("{}")
-    evaluation = plan.evaluation_job(s, 1, "teacher", [str(r) for r in runs])
+    evaluation = plan.evaluation_job(s, 1, False, "teacher", [str(r) for r in runs], [])
     done = distill_job(tmp_path)
     (tmp_path / "cifar10-uncond-sid").mkdir()
     (tmp_path / "cifar10-uncond-sid" / "generator.pt").write_bytes(b"")
     frame = bill.bill([evaluation, done], networks())
-    assert list(frame["job"]) == ["evaluate cifar10-uncond teacher", "total"]
+    assert list(frame["job"]) == ["evaluate cifar10-uncond teacher", *TOTALS]
     assert frame.iloc[0]["work left"] == "3 runs × 50,000 images, 35 NFE"
 
 
@@ -160,7 +161,7 @@ def test_the_bill_target_is_written_again_when_a_run_progresses(workdir):
     methods = CONFIG["datasets"]["tiny"]["methods"]
     runs = [f"distill tiny {METHOD_NAMES[m]} α={alpha_text(a)}" for m, spec in methods.items() for a in spec["alphas"]]
     assert [j for j in frame["job"] if j.startswith("distill")] == runs
-    assert "evaluate tiny teacher" in set(frame["job"]) and frame["job"].iloc[-1] == "total"
+    assert "evaluate tiny teacher" in set(frame["job"]) and list(frame["job"].iloc[-2:]) == TOTALS
     assert "rule plan" not in plan_tiny()  # nothing changed: nothing to do
     run = workdir / "results/tiny/sid/alpha1.0"
     run.mkdir(parents=True)
@@ -171,3 +172,41 @@ def test_the_bill_target_is_written_again_when_a_run_progresses(workdir):
     assert "rule plan" in plan_tiny()
     row = pd.read_csv(workdir / "results/plans/tiny.csv").set_index("job").loc["distill tiny SiD α=1.0"]
     assert row["rate from"] == "own log" and row["work left"].startswith(f"{duration // 2} of {duration} kimg")
+
+
+def test_the_dag_total_is_the_longest_chain_of_jobs_waiting_for_jobs():
+    def job(name: str, after: list[str]) -> dict:
+        return {"outputs": [name], "after": after}
+
+    jobs = [job("teacher", []), job("sid", ["teacher"]), job("sid-eval", ["sid"]), job("sida", ["teacher"]),
+            job("sid2a", ["teacher", "sid"]), job("sid2a-eval", ["sid2a"]), job("teacher-eval", ["teacher", "data"])]
+    hours = [2.0, 5.0, 1.0, 7.5, 4.0, 1.5, 3.0]
+    assert bill.longest_chain(jobs, hours) == (12.5, [0, 1, 4, 5])  # 2 + 5 + 4 + 1.5 > 2 + 7.5
+    hours[1] = 0.0  # SiD done
+    assert bill.longest_chain(jobs, hours) == (9.5, [0, 3])
+    assert bill.longest_chain([], []) == (0.0, [])
+
+
+def test_cpu_jobs_are_billed_on_the_cpu_timed_here_and_use_no_gpu(tmp_path, monkeypatch):
+    """The tiny table run here without a GPU: the teacher training and the GPU stages on CPU cores."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    s = resolve(CONFIG, "tiny")
+    teacher = str(tmp_path / "teacher.pt")
+    run = str(tmp_path / "sid")
+    jobs = [plan.teacher_training_job(s, True, teacher, []),
+            plan.distill_job(job("tiny", "sid", 1.2), 2, True, run, [teacher]),
+            plan.evaluation_job(s, 1, True, "SiD α=1.2", [f"{run}/eval/run0.json"], [f"{run}/generator.pt"]),
+            plan.distill_job(job("tiny", "sid", 1.0), 2, True, str(tmp_path / "sid1.0"), [teacher]),
+            plan.distill_job(job("tiny", "sid", 1.2), 2, False, str(tmp_path / "cluster"), [teacher])]
+    frame = bill.bill(jobs, networks()).set_index("job")
+    training = frame.loc["train teacher tiny"]
+    assert training["device"] == "cpu" and training["rate from"] == "timed here"
+    assert training["GPUs"] == 0 and training["GPU-hours"] == 0 and training["hours"] > 0
+    assert training["work left"] == f"{s['teacher']['train'].kimg:,.0f} kimg"
+    local, cluster = frame.loc["distill tiny SiD α=1.2"].iloc[0], frame.loc["distill tiny SiD α=1.2"].iloc[1]
+    assert (local["device"], local["GPUs"], local["GPU-hours"]) == ("cpu", 0, 0) and local["hours"] > 0
+    assert cluster["device"] == "H100" and cluster["GPUs"] == 2  # launcher: slurm, a GPU node
+    one_by_one, dag = frame.loc["total, one job after another"], frame.loc["total, as the DAG allows"]
+    assert one_by_one["GPU-hours"] == cluster["GPU-hours"]
+    assert dag["hours"] < one_by_one["hours"]  # SiD α=1.0 trains beside SiD α=1.2
+    assert dag["work left"] == "longest chain: train teacher tiny → distill tiny SiD α=1.2 → evaluate tiny SiD α=1.2"

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from sidcore.cli import artifacts, report, stages, tools
+from sidcore.cli import artifacts, console, report, stages, tools
 from sidcore.errors import UserError, debugging, message
 
 GROUPS = (stages, artifacts, report, tools)
@@ -32,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     """The ``sidcore`` parser with every command."""
     p = argparse.ArgumentParser(prog="sidcore", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
+    p.add_argument("--log", metavar="FILE", help="write the command's output to FILE and show its progress on the "
+                                                 "console, one line per report (sidcore/cli/console.py)")
     sub = p.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.register(sub)
@@ -49,13 +51,36 @@ def main(argv: list[str] | None = None) -> int:
     return run(argv)
 
 
+def _split(argv: list[str]) -> tuple[str | None, str | None]:
+    """The ``--log`` file and the command of ``argv`` (``[--debug] [--log FILE] COMMAND ...``), or None."""
+    log, i = None, 0
+    while i < len(argv) and argv[i].startswith("-"):
+        if argv[i] == "--log" and i + 1 < len(argv):
+            log, i = argv[i + 1], i + 2
+        else:
+            log, i = (argv[i][len("--log="):] if argv[i].startswith("--log=") else log), i + 1
+    return log, argv[i] if i < len(argv) else None
+
+
 def command_of(argv: list[str]) -> str | None:
-    """The command named in ``argv`` (its first word that is not an option)."""
-    return next((a for a in argv if not a.startswith("-")), None)
+    """The command named in ``argv``."""
+    return _split(argv)[1]
+
+
+def logged_to(argv: list[str]) -> str | None:
+    """The ``--log`` file given before the command, if any."""
+    return _split(argv)[0]
 
 
 def run(argv: list[str]) -> int:
     """Parse ``argv`` and run its command; a user error becomes one message on stderr and exit status 2."""
+    log = logged_to(argv)
+    if log is not None:  # before parsing: a refused flag is in the log too
+        try:
+            console.log_to(log)
+        except OSError as e:
+            print(f"sidcore: error: --log {log}: {message(e)}", file=sys.stderr)
+            return USER_ERROR_EXIT
     args = parser().parse_args(argv)
     if args.subcommand != "download":
         os.environ.update(OFFLINE_ENV)
@@ -65,6 +90,7 @@ def run(argv: list[str]) -> int:
         if args.debug or debugging():
             raise
         print(f"sidcore {args.subcommand}: error: {message(e)}", file=sys.stderr)
+        console.echo(f"error: {message(e)}")
         return USER_ERROR_EXIT
 
 

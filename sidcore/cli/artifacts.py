@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from sidcore.cli.checks import NON_NEGATIVE, POSITIVE, SEED, output, positive_number
+from sidcore.cli.console import say
 
 DEFAULT_LOCK = Path("resources/artifacts.lock.json")
 
@@ -20,24 +21,20 @@ def convert_network(args: argparse.Namespace) -> int:
     from sidcore.settings import loads
     network = loads(args.network, "--network") if args.network is not None else None
     sampling = loads(args.sampling, "--sampling") if args.sampling is not None else None
-    convert_to_snapshot(args.src, args.out, args.key, network, sampling, log=_log)
+    convert_to_snapshot(args.src, args.out, args.key, network, sampling, log=say)
     return 0
 
 
 def train_detector(args: argparse.Namespace) -> int:
     from sidcore.detectors.digits import train_detector as train
-    train(args.data, args.out, seed=args.seed, epochs=args.epochs, log=_log)
+    train(args.data, args.out, seed=args.seed, epochs=args.epochs, log=say)
     return 0
 
 
 def ref_stats(args: argparse.Namespace) -> int:
     from sidcore.metrics import write_reference
-    write_reference(args.data, args.detector, args.detector_weights, args.out, args.batch, log=_log)
+    write_reference(args.data, args.detector, args.detector_weights, args.out, args.batch, log=say)
     return 0
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

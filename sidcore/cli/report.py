@@ -6,11 +6,8 @@ import argparse
 from pathlib import Path
 
 from sidcore.cli.checks import GRID_MAX, SEED, integer, output
+from sidcore.cli.console import say
 from sidcore.methods import METHODS
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def summarize(args: argparse.Namespace) -> int:
@@ -19,8 +16,8 @@ def summarize(args: argparse.Namespace) -> int:
     runs = [read_run(p) for p in args.runs]
     summary = mean_std(runs, args.table, args.std_ddof)
     write_json(summary, args.out)
-    _log(", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary["metrics"].items())
-         + f" over {summary['runs']} runs")
+    say(", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary["metrics"].items())
+        + f" over {summary['runs']} runs")
     return 0
 
 
@@ -46,13 +43,13 @@ def dynamics(args: argparse.Namespace) -> int:
 
 def ablation(args: argparse.Namespace) -> int:
     from sidcore.report.ablation import write
-    write(args.run, args.title, args.out, args.markdown, args.plot, args.pdf, log=_log)
+    write(args.run, args.title, args.out, args.markdown, args.plot, args.pdf, log=say)
     return 0
 
 
 def cost(args: argparse.Namespace) -> int:
     from sidcore.report.cost import write
-    write(args.run, args.out, args.markdown, log=_log)
+    write(args.run, args.out, args.markdown, log=say)
     return 0
 
 
@@ -61,7 +58,7 @@ def plan(args: argparse.Namespace) -> int:
     from sidcore.report.bill import write
     from sidcore.settings import loads
     jobs, networks = loads_jobs(args.jobs, "--jobs"), loads(args.networks, "--networks")
-    write(args.table, jobs, networks, args.csv, args.markdown, log=_log)
+    write(args.table, jobs, networks, args.csv, args.markdown, log=say)
     return 0
 
 
@@ -69,14 +66,14 @@ def figure(args: argparse.Namespace) -> int:
     from sidcore.report.figure import write
     from sidcore.settings import from_json
     write(from_json(args.settings, "figure"), args.generator, args.teacher, args.data, args.vae, args.seed, args.rows,
-          args.cols, args.out, log=_log)
+          args.cols, args.out, log=say)
     return 0
 
 
 def claims(args: argparse.Namespace) -> int:
     from sidcore.report.claims import write
     write(args.teacher_summary, args.run, args.sid2a_init_alpha, args.ablation, args.title, args.out, args.markdown,
-          args.plot, log=_log)
+          args.plot, log=say)
     return 0
 
 
@@ -143,9 +140,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "plan", help="the bill of a table before it runs: hours and GPU-hours of each job not yet done",
-        description="Estimate, for every GPU job of a table whose outputs are missing, its hours and GPU-hours "
-                    "(sidcore/report/bill.py: network FLOPs over a throughput from the job's own progress log, the "
-                    "dataset's logs or Table 8 of the SiDA paper), and the total (CSV, Markdown).")
+        description="Estimate, for every long job of a table (GPU stages, teacher training) whose outputs are "
+                    "missing, its device, hours and GPU-hours (sidcore/report/bill.py: network FLOPs over a "
+                    "throughput from the job's own progress log, the dataset's logs, Table 8 of the SiDA paper, or "
+                    "timed on this CPU for a job on CPU cores), and the totals: GPU-hours, hours one job after "
+                    "another, hours as the DAG allows (CSV, Markdown).")
     p.add_argument("--table", required=True, help="the table the jobs belong to")
     p.add_argument("--jobs", required=True, help='JSON object {"jobs": [...]} (built by the workflow)')
     p.add_argument("--networks", required=True, help="JSON object: each table's network settings")

@@ -8,24 +8,21 @@ from __future__ import annotations
 import argparse
 
 from sidcore.cli.checks import output, plan_id
+from sidcore.cli.console import say
 from sidcore.run_record import ON_CHANGE
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def prepare_data(args: argparse.Namespace) -> int:
     from sidcore.prepare import prepare_data as prepare
     from sidcore.settings import from_json
-    prepare(from_json(args.settings, "prepare-data"), args.out, archive=args.archive, vae=args.vae, log=_log)
+    prepare(from_json(args.settings, "prepare-data"), args.out, archive=args.archive, vae=args.vae, log=say)
     return 0
 
 
 def train_teacher(args: argparse.Namespace) -> int:
     from sidcore.settings import from_json
     from sidcore.teacher import train_teacher as train
-    train(from_json(args.settings, "train-teacher"), args.data, args.out, log=_log)
+    train(from_json(args.settings, "train-teacher"), args.data, args.out, log=say)
     return 0
 
 
@@ -39,7 +36,7 @@ def distill(args: argparse.Namespace) -> int:
     return run(settings, teacher=args.teacher, data=args.data, refs=args.refs,
                detector_weights=args.detector_weights, outdir=args.outdir, init=args.init, vae=args.vae,
                tensorboard=args.tensorboard, start_over=args.start_over,
-               on_changed_settings=args.on_changed_settings, log=_log)
+               on_changed_settings=args.on_changed_settings, log=say)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -47,12 +44,12 @@ def evaluate(args: argparse.Namespace) -> int:
     from sidcore.settings import from_json
     return run(from_json(args.settings, "evaluate"), model=args.model, kind=args.kind, data=args.data, refs=args.refs,
                detector_weights=args.detector_weights, outdir=args.outdir, vae=args.vae,
-               dinov2_weights=args.dinov2_weights, pr_reference=args.pr_reference, released=args.released, log=_log)
+               dinov2_weights=args.dinov2_weights, pr_reference=args.pr_reference, released=args.released, log=say)
 
 
 def ddp_check(args: argparse.Namespace) -> int:
     from sidcore.jobs import ddp_check as run
-    return run(args.out, log=_log)
+    return run(args.out, log=say)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

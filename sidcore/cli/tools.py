@@ -8,6 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from sidcore.cli.checks import POSITIVE
+from sidcore.cli.console import echo, say
 
 
 def benchmark(args: argparse.Namespace) -> int:
@@ -19,7 +20,7 @@ def benchmark(args: argparse.Namespace) -> int:
         print(json.dumps(row), flush=True)
     else:
         bench.run(args.layouts, args.methods, args.engines, args.repeats, args.out, args.evaluation, args.profiles,
-                  log=lambda m: print(m, flush=True))
+                  log=say)
     return 0
 
 
@@ -28,14 +29,14 @@ def launch(args: argparse.Namespace) -> int:
     from sidcore.launch import launch as run
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     spec = JobSpec(**{f.name: getattr(args, f.name) for f in fields(JobSpec)})
-    return run(spec, command, Path(args.logdir), args.lost_after_s)
+    return run(spec, command, Path(args.logdir), args.lost_after_s, echo=echo)
 
 
 def check_config(args: argparse.Namespace) -> int:
     from sidcore import config
     for path in args.files:
         config.read(path)
-        print(f"{path}: plain values, readable as a configuration or an overlay")
+        say(f"{path}: plain values, readable as a configuration or an overlay")
     return 0
 
 

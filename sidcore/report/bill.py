@@ -1,5 +1,6 @@
-"""The bill of a table before it runs (``sidcore plan``): for every GPU job not yet done (``sidcore.plan``), its
-GPUs, estimated hours and GPU-hours, and the table's total.
+"""The bill of a table before it runs (``sidcore plan``): for every long job not yet done (``sidcore.plan``), its
+GPUs, device, estimated hours and GPU-hours, and three totals: the GPU-hours, the hours if the jobs ran one after
+another, and the hours if the cluster runs them as the DAG allows (its longest chain of jobs waiting for jobs).
 
 Model. Work is counted in FLOPs of the configured networks (``torch.utils.flop_counter`` on the meta device: no
 weights, no arithmetic) and divided by a throughput in FLOP/s per GPU, the best one known for the job:
@@ -8,11 +9,15 @@ weights, no arithmetic) and divided by a throughput in FLOP/s per GPU, the best 
 2. ``<dataset> logs``: the throughput the dataset's other runs reached in their progress logs (on their device);
 3. ``Table 8``: the throughput of the job's column of the SiDA paper's Table 8 (its table and method);
 4. ``Table 8 H100, scaled``: the median throughput of Table 8's H100 columns (datasets it does not cover: EDM2).
+A job that runs on CPU cores (the teacher training; the GPU stages of ``launcher: local`` on a machine without
+a GPU) costs the throughput ``timed here``: its network's forward and backward passes timed on this machine's
+CPU with the plan job's threads, the fastest of a few (too large a network to time here: unknown).
 A distillation image costs ``ITERATION_PASSES`` forward passes of the network (SiD; SiDA and SiD²A that many
 times Table 8's median SiDA / SiD time ratio), plus the in-training evaluations its schedule has left
 (``eval_images`` each). An evaluation image costs NFE forward passes plus the detectors' and the VAE decoder's
-passes (``sidcore/data/flops.yaml``); an encoding image, the VAE encoder's. Time scales as 1 / GPUs and does
-not depend on the batch per GPU or the accumulation rounds.
+passes (``sidcore/data/flops.yaml``); an encoding image, the VAE encoder's; a teacher training image, a forward
+and a backward pass (3 forward passes). Time scales as 1 / GPUs (or processes) and does not depend on the batch
+per GPU or the accumulation rounds.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import functools
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +39,7 @@ from sidcore.evaluate import TRAINING_METRICS
 from sidcore.methods import ADVERSARIAL, METHOD_NAMES, alpha_text
 from sidcore.model_selection import evaluation_due
 from sidcore.networks import build_network
+from sidcore.plan import CPU_STAGES
 from sidcore.prepare import list_images
 from sidcore.report import markdown
 from sidcore.report.cost import paper_costs, speed
@@ -41,7 +48,11 @@ from sidcore.sampling import heun_nfe
 # Forward passes of the network per image of a SiD iteration: the ψ step runs G (1) and f_ψ with its backward
 # (3); the θ step runs G with its backward (3), and the teacher and f_ψ with a backward to their input (2 + 2).
 ITERATION_PASSES = 11
+TRAINING_PASSES = 3  # forward passes per image of a training step: the forward and its backward
 REFERENCE_GPU = "H100"  # Table 8's GPU for the datasets it does not cover
+CPU_PROBE_BATCH = 32  # images per timed pass on the CPU for an evaluation or an encoding
+CPU_PASSES = 10  # timed passes at most (2 s)
+CPU_TIMING_LIMIT = 2e10  # FLOPs of the largest timed pass (a larger network is not timed on this CPU)
 FLOPS_FILE = Path(__file__).resolve().parents[1] / "data" / "flops.yaml"
 
 
@@ -60,6 +71,37 @@ def _forward_flops(network: str) -> float:
 def forward_flops(network: dict) -> float:
     """FLOPs of one forward pass of the network with constructor settings ``network``, per image."""
     return _forward_flops(json.dumps(network, sort_keys=True))
+
+
+@functools.cache
+def _cpu_rate(network: str, batch: int) -> float:
+    n = json.loads(network)
+    flops = TRAINING_PASSES * _forward_flops(network) * batch
+    if flops > CPU_TIMING_LIMIT:
+        return math.nan
+    torch.manual_seed(0)
+    net = build_network(**n).train()
+    x = torch.randn(batch, n["img_channels"], n["img_resolution"], n["img_resolution"])
+    labels = torch.eye(n["label_dim"])[torch.arange(batch) % n["label_dim"]] if n["label_dim"] else None
+    fastest, start = math.inf, time.perf_counter()
+    for passes in range(CPU_PASSES + 1):  # the first warms up
+        begin = time.perf_counter()
+        net(x, torch.ones(batch), labels).square().mean().backward()
+        fastest = min(fastest, time.perf_counter() - begin) if passes else fastest
+        if passes >= 3 and time.perf_counter() - start > 2.0:
+            break
+    return flops / fastest
+
+
+def cpu_rate(network: dict, batch: int) -> float:
+    """FLOP/s of this machine's CPU on the network with constructor settings ``network``: a training pass of
+    ``batch`` images, the fastest of a few (a busy machine slows some; NaN: a network too large to time here)."""
+    return _cpu_rate(json.dumps(network, sort_keys=True), batch)
+
+
+def on_cpu(job: dict) -> bool:
+    """Whether ``job`` runs on CPU cores: a CPU stage, or a GPU stage run here (``launcher: local``) without a GPU."""
+    return job["stage"] in CPU_STAGES or (job["local"] and not torch.cuda.is_available())
 
 
 @functools.cache
@@ -112,9 +154,12 @@ class Throughputs:
     def best(self, job: dict, method: str) -> tuple[float, str, str]:
         """(FLOP/s per GPU, device, basis) for ``job`` run as ``method`` (see the module's docstring)."""
         logs = self.logs.get(job["dataset"], [])  # runs with ticks past the first
-        if logs:
+        if logs and job["stage"] not in CPU_STAGES:
             rates = [self.measured(job["network"], m, r) for m, r in logs]
             return statistics.median(rates), logs[0][1][-1]["device"], f"{job['dataset']} logs"
+        if on_cpu(job):
+            batch = {"train_teacher": job.get("batch"), "distill": job.get("batch", 0) // max(job["gpus"], 1)}
+            return cpu_rate(job["network"], batch.get(job["stage"]) or CPU_PROBE_BATCH), "cpu", "timed here"
         column = self.columns.get((job["table"], "sida" if ADVERSARIAL.get(method) else "sid"))
         if column:
             return column[0], column[1], "Table 8"
@@ -134,6 +179,15 @@ def evaluations_left(job: dict, next_tick: int) -> int:
                for t in range(next_tick, last + 1))
 
 
+def job_name(job: dict) -> str:
+    """A job's name in the bill."""
+    d = job["dataset"]
+    return {"distill": lambda: f"distill {d} {METHOD_NAMES[job['method']]} α={alpha_text(job['alpha'])}",
+            "evaluate": lambda: f"evaluate {d} {job['model']}",
+            "train_teacher": lambda: f"train teacher {d}",
+            "encode": lambda: f"encode {d} (SD VAE)"}[job["stage"]]()
+
+
 def distill_row(job: dict, rates: Throughputs, records: list[dict]) -> dict:
     F = forward_flops(job["network"])
     in_training = [m for m in job["metrics"] if m in TRAINING_METRICS]
@@ -149,8 +203,13 @@ def distill_row(job: dict, rates: Throughputs, records: list[dict]) -> dict:
     timed = [r["eval_sec"] * r["processes"] / job["gpus"] for r in records if "eval_sec" in r]
     seconds += evals * (statistics.mean(timed) if timed else per_eval / (rate * job["gpus"]))
     left = f"{kimg_left:,.0f} of {job['duration_kimg']:,.0f} kimg, {evals} in-training FIDs"
-    name = f"distill {job['dataset']} {METHOD_NAMES[job['method']]} α={alpha_text(job['alpha'])}"
-    return _row(name, job["gpus"], device, basis, left, seconds)
+    return _row(job_name(job), job["gpus"], device, basis, left, seconds)
+
+
+def teacher_training_row(job: dict, rates: Throughputs) -> dict:
+    rate, device, basis = rates.best(job, "sid")
+    flops = job["kimg"] * 1e3 * TRAINING_PASSES * forward_flops(job["network"])
+    return _row(job_name(job), job["gpus"], device, basis, f"{job['kimg']:,.0f} kimg", flops / rate)
 
 
 def evaluate_row(job: dict, rates: Throughputs) -> dict:
@@ -160,12 +219,12 @@ def evaluate_row(job: dict, rates: Throughputs) -> dict:
     flops = images * (nfe * forward_flops(job["network"]) + evaluation_flops(job, job["metrics"]))
     rate, device, basis = rates.best(job, "sid")
     left = f"{runs} runs × {job['num_images']:,} images, {nfe} NFE"
-    return _row(f"evaluate {job['dataset']} {job['model']}", job["gpus"], device, basis, left,
+    return _row(job_name(job), job["gpus"], device, basis, left,
                 flops / (rate * job["gpus"]))
 
 
 def encode_row(job: dict, rates: Throughputs) -> dict:
-    name = f"encode {job['dataset']} (SD VAE)"
+    name = job_name(job)
     try:
         images = len(list_images(job["source"], labels=False)[0])
     except (FileNotFoundError, ValueError) as e:
@@ -176,35 +235,63 @@ def encode_row(job: dict, rates: Throughputs) -> dict:
 
 
 def _row(job: str, gpus: int, device: str, basis: str, left: str, seconds: float) -> dict:
-    hours = seconds / 3600
-    return {"job": job, "GPUs": gpus, "device": device, "rate from": basis, "work left": left,
-            "hours": round(hours, 2), "GPU-hours": round(hours * gpus, 1)}
+    """A job's row; on CPU cores its processes are not GPUs (0 GPUs, 0 GPU-hours)."""
+    hours, gpus = seconds / 3600, 0 if device == "cpu" else gpus
+    if device == "cpu" and math.isnan(seconds):
+        left += "; unknown: too large a network to time on this CPU"
+    return {"job": job, "GPUs": gpus, "device": device, "rate from": basis, "work left": left, "hours": hours,
+            "GPU-hours": hours * gpus}
+
+
+def longest_chain(jobs: list[dict], hours: list[float]) -> tuple[float, list[int]]:
+    """The hours of the longest chain of jobs each waiting for the one before (a job's ``after`` names outputs of
+    the jobs it waits for), and the indices of that chain; ``hours`` are the jobs' own (0 for a job done)."""
+    made_by = {out: i for i, job in enumerate(jobs) for out in job["outputs"]}
+    ends: dict[int, tuple[float, list[int]]] = {}
+
+    def end(i: int) -> tuple[float, list[int]]:  # the jobs before i are built first (sid before sid2a)
+        if i not in ends:
+            before = [end(made_by[f]) for f in jobs[i]["after"] if f in made_by]
+            start, chain = max(before, key=lambda e: e[0], default=(0.0, []))
+            ends[i] = (start + hours[i], chain + [i])
+        return ends[i]
+
+    return max((end(i) for i in range(len(jobs))), key=lambda e: e[0], default=(0.0, []))
 
 
 def bill(jobs: list[dict], networks: dict[str, dict]) -> pd.DataFrame:
-    """One row per job not yet done, then the total."""
+    """One row per job not yet done, then the totals: GPU-hours and hours one after another, hours as the DAG
+    allows."""
     records = {job["run_dir"]: progress_log.read(job["run_dir"]) for job in jobs if job["stage"] == "distill"}
     logs: dict[str, list] = {}
     for job in jobs:
         if job["stage"] == "distill" and len(records[job["run_dir"]]) > 1:
             logs.setdefault(job["dataset"], []).append((job["method"], records[job["run_dir"]]))
     rates = Throughputs(networks, logs)
-    rows = []
-    for job in jobs:
-        if all(Path(p).exists() for p in job["outputs"]):
+    rows, hours, done = [], [], [all(Path(p).exists() for p in job["outputs"]) for job in jobs]
+    for job, finished in zip(jobs, done):
+        if finished:
+            hours.append(0.0)
             continue
         if job["stage"] == "distill":
             rows.append(distill_row(job, rates, records[job["run_dir"]]))
         elif job["stage"] == "evaluate":
             rows.append(evaluate_row(job, rates))
+        elif job["stage"] == "train_teacher":
+            rows.append(teacher_training_row(job, rates))
         else:
             rows.append(encode_row(job, rates))
+        hours.append(0.0 if math.isnan(rows[-1]["hours"]) else rows[-1]["hours"])
     frame = pd.DataFrame(rows, columns=list(_row("", 0, "", "", "", 0.0)))
     unknown = int(frame["hours"].isna().sum())
     left = f"{len(rows)} jobs" + (f", {unknown} of unknown size not counted" if unknown else "")
-    total = {"job": "total", "GPUs": "", "device": "", "rate from": "", "work left": left,
-             "hours": round(frame["hours"].sum(), 2), "GPU-hours": round(frame["GPU-hours"].sum(), 1)}
-    frame = pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
+    dag_hours, chain = longest_chain(jobs, hours)
+    steps = [job_name(jobs[i]) for i in chain if not done[i]]
+    totals = [{"job": "total, one job after another", "work left": left, "hours": sum(hours),
+               "GPU-hours": frame["GPU-hours"].sum()},
+              {"job": "total, as the DAG allows", "work left": "longest chain: " + (" → ".join(steps) or "none"),
+               "hours": dag_hours}]
+    frame = pd.concat([frame, pd.DataFrame(totals)], ignore_index=True).round({"hours": 2, "GPU-hours": 1})
     return frame.astype(object).where(frame.notna(), "")  # a job of unknown size: blank hours
 
 
@@ -212,19 +299,25 @@ NOTES = [
     "Estimated before the jobs run (sidcore/report/bill.py): FLOPs of the configured networks (flop counter, meta "
     "device) over a throughput in FLOP/s per GPU: a run's own progress log once it has one, else the "
     "dataset's other runs' logs, else the job's column of the SiDA paper's Table 8, else the median of "
-    "Table 8's H100 columns. A distillation image is 11 forward passes (SiD; SiDA and SiD²A × Table 8's "
-    "SiDA / SiD ratio), plus the in-training FIDs left; an evaluation image NFE passes plus the detectors "
-    "and, for latents, the VAE decoder. Time scales as 1 / GPUs, independently of the batch per GPU.",
+    "Table 8's H100 columns; a job on CPU cores (the teacher training, or a GPU stage run here without a GPU), "
+    "the network's training passes timed on this machine's CPU (the fastest of a few). A distillation image is "
+    "11 forward passes (SiD; SiDA and SiD²A × Table 8's SiDA / SiD ratio), plus the in-training FIDs left; an "
+    "evaluation image NFE passes plus the detectors and, for latents, the VAE decoder; a teacher training image "
+    "3. Time scales as 1 / GPUs (or processes), independently of the batch per GPU.",
+    "Totals: GPU-hours (CPU jobs use none); hours if the jobs ran one after another; hours if the cluster runs "
+    "them as the DAG allows, each job as soon as the jobs it waits for are done (the longest chain, named).",
     "Uncertainty: predicting each of Table 8's H100 columns from another by FLOPs is off by 7–11 %; datasets "
     "Table 8 does not cover (EDM2) add the difference between architectures (expect ±30 %). Evaluations are "
     "costed at the distillations' FLOP rate (on the tiny CPU runs that overestimates them 2–3×: a large "
     "inference batch runs more efficiently than a training step). Not counted: queueing, start-up and "
-    "compilation, checkpoints, requeues after preemption, the CPU jobs.",
+    "compilation, checkpoints, requeues after preemption, the short CPU jobs (data preparation, detector "
+    "training, reference statistics, tables and plots).",
 ]
 
 
 def write(table: str, jobs: list[dict], networks: dict[str, dict], csv: Path, md: Path, log=print) -> None:
     frame = bill(jobs, networks)
     markdown.save(frame, csv, md, f"Bill of {table}: the jobs not yet done", NOTES)
-    total = frame.iloc[-1]
-    log(f"{table}: {total['work left']} left, {total['hours']:,.1f} hours, {total['GPU-hours']:,.1f} GPU-hours")
+    one_by_one, dag = frame.iloc[-2], frame.iloc[-1]
+    log(f"{table}: {one_by_one['work left']} left, {one_by_one['GPU-hours']:,.1f} GPU-hours; "
+        f"{one_by_one['hours']:,.2f} hours one job after another, {dag['hours']:,.2f} hours as the DAG allows")

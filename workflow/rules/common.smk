@@ -21,6 +21,7 @@ import re
 import shlex
 import sys
 import time
+from types import SimpleNamespace
 
 from sidcore.registry import artifacts
 from sidcore import plan, preflight, run_record, tensorboard
@@ -195,7 +196,7 @@ def gpu_resources(stage, single=False, study="main"):
     def launch(w):
         job, name = gpu_job(stage, w, single), job_name(stage, w, study)
         return (
-            f"sidcore launch {LAUNCH_FLAGS} --name {name} --nodes {job['nodes']}"
+            f"launch {LAUNCH_FLAGS} --name {name} --nodes {job['nodes']}"
             f" --gpus-per-node {job['gpus_per_node']} --cpus-per-task {job['cpus_per_task']}"
             f" --mem-mb {int(job['mem_gb'] * 1024)} --time-min {job['time_min']}"
             f" --partition {shlex.quote(job['partition'])}"

@@ -30,10 +30,9 @@ rule distill:
         init=init_arg,
         extra=eval_args,
     shell:
-        "{resources.launch} -- distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
+        "sidcore --log {log:q} {resources.launch} -- distill --settings {params.settings:q} --teacher {input.teacher} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.init}"
         " {params.extra} {resources.logging} {resources.rerun}"
-        " > {log} 2>&1"
 
 
 # One run of the α ablation (config `ablation`): the same job with the ablation's budget, in its own folder.

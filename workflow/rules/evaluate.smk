@@ -23,9 +23,8 @@ rule evaluate_generator:
         outdir=lambda w: f"{run_dir(w.dataset, w.method, w.alpha)}/eval",
         extra=eval_args,
     shell:
-        "{resources.launch} -- evaluate --settings {params.settings:q} --kind generator --model {input.model} --data {input.data}"
+        "sidcore --log {log:q} {resources.launch} -- evaluate --settings {params.settings:q} --kind generator --model {input.model} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.extra}"
-        " > {log} 2>&1"
 
 
 # A generator published with the papers (config evaluation.released): the same evaluation, rows marked released.
@@ -67,9 +66,8 @@ rule evaluate_teacher:
         outdir="results/{dataset}/teacher/eval",
         extra=eval_args,
     shell:
-        "{resources.launch} -- evaluate --settings {params.settings:q} --kind teacher --model {input.model} --data {input.data}"
+        "sidcore --log {log:q} {resources.launch} -- evaluate --settings {params.settings:q} --kind teacher --model {input.model} --data {input.data}"
         " --refs {input.refs} --detector-weights {input.detector} --outdir {params.outdir} {params.extra}"
-        " > {log} 2>&1"
 
 
 rule summarize:
@@ -90,4 +88,4 @@ rule summarize:
         table=lambda w: DATASETS[w.dataset]["table"],
         std_ddof=lambda w: resolve(config, w.dataset)["evaluation"].std_ddof,
     shell:
-        "sidcore summarize --table {params.table} --std-ddof {params.std_ddof} --runs {input} --out {output} > {log} 2>&1"
+        "sidcore --log {log:q} summarize --table {params.table} --std-ddof {params.std_ddof} --runs {input} --out {output}"

@@ -276,36 +276,43 @@ def plot_report(path, kind, caption="plot.rst"):
 
 
 def plan_jobs(w) -> list[dict]:
-    """Every GPU job table ``w.table`` needs, described for its bill (sidcore.plan)."""
+    """Every long job table ``w.table`` needs (GPU stages, teacher training), described for its bill (sidcore.plan)."""
     check_target(w)
     return table_jobs(w.table)
 
 
 @functools.cache  # read by two params of the plan job
 def table_jobs(table) -> list[dict]:
-    jobs, encoded = [], set()
+    jobs, encoded, local = [], set(), config["launcher"] == "local"
     for dataset in datasets_of_tables([table]):
-        d, s = DATASETS[dataset], resolve(config, dataset)
+        d, s, w = DATASETS[dataset], resolve(config, dataset), SimpleNamespace(dataset=dataset)
         gpus = {
             stage: job["nodes"] * job["gpus_per_node"]
             for stage in ("distill", "evaluate", "encode")
             for job in [cluster_job(config, dataset, stage)]
         }
-        data = f"resources/data/{data_name(dataset)}.zip"
-        if d["data"]["source"] == "vae-latents" and data not in encoded:
+        data, teacher = data_file(w), teacher_file(w)
+        encoding = [data] if d["data"]["source"] == "vae-latents" else []  # a job of the bill makes the data
+        if encoding and data not in encoded:
             encoded.add(data)
-            jobs.append(plan.encode_job(s, gpus["encode"], data))
+            jobs.append(plan.encode_job(s, gpus["encode"], local, data))
+        training = [teacher] if d["teacher"]["source"] == "train" else []  # ... or the teacher
+        if training:
+            jobs.append(plan.teacher_training_job(s, local, teacher, []))
+        made = encoding + training
         if "teacher_eval" in d:
             runs_of = [f"results/{dataset}/teacher/eval/{r}" for r in RUNS]
-            jobs.append(plan.evaluation_job(s, gpus["evaluate"], "teacher", runs_of))
+            jobs.append(plan.evaluation_job(s, gpus["evaluate"], local, "teacher", runs_of, made))
         for m, a in runs(dataset):
             out = run_dir(dataset, m, a)
-            jobs.append(plan.distill_job(resolve(config, dataset, m, a), gpus["distill"], out))
-            model = f"{METHOD_NAMES[m]} α={a}"
-            jobs.append(plan.evaluation_job(s, gpus["evaluate"], model, [f"{out}/eval/{r}" for r in RUNS]))
+            after = made + [init_file(w)] if m == "sid2a" else made
+            jobs.append(plan.distill_job(resolve(config, dataset, m, a), gpus["distill"], local, out, after))
+            model, runs_of = f"{METHOD_NAMES[m]} α={a}", [f"{out}/eval/{r}" for r in RUNS]
+            jobs.append(plan.evaluation_job(s, gpus["evaluate"], local, model, runs_of, [f"{out}/generator.pt"]))
         for m, a in released_runs(dataset):
             runs_of = [f"results/{dataset}/released/{m}/alpha{a}/eval/{r}" for r in RUNS]
-            jobs.append(plan.evaluation_job(s, gpus["evaluate"], f"released {METHOD_NAMES[m]} α={a}", runs_of))
+            model = f"released {METHOD_NAMES[m]} α={a}"
+            jobs.append(plan.evaluation_job(s, gpus["evaluate"], local, model, runs_of, encoding))
     return jobs
 
 

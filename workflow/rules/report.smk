@@ -22,7 +22,7 @@ rule tabulate:
     conda:
         SOFTWARE_ENV
     shell:
-        "sidcore tabulate --table {wildcards.table} --summaries {input} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+        "sidcore --log {log:q} tabulate --table {wildcards.table} --summaries {input} --out {output.csv} --markdown {output.md}"
 
 
 rule plot:
@@ -43,7 +43,7 @@ rule plot:
     params:
         args=plot_args,
     shell:
-        "sidcore plot {params.args} --out {output.png} --pdf {output.pdf} > {log} 2>&1"
+        "sidcore --log {log:q} plot {params.args} --out {output.png} --pdf {output.pdf}"
 
 
 # The training dynamics the distillations' instruments logged (sidcore/instruments.py): the discriminator, the
@@ -64,7 +64,7 @@ rule dynamics:
     params:
         args=lambda w, input: run_args(w, input),
     shell:
-        "sidcore dynamics --title {wildcards.dataset} {params.args} --out {output.png} --pdf {output.pdf} > {log} 2>&1"
+        "sidcore --log {log:q} dynamics --title {wildcards.dataset} {params.args} --out {output.png} --pdf {output.pdf}"
 
 
 # The α ablation (config `ablation`): FID and IS against images seen, one curve per α, per method.
@@ -88,8 +88,8 @@ rule alpha_ablation:
             f"--run {m} {a} {log}" for (m, a), log in zip(runs(w.dataset, "ablation"), input)
         ),
     shell:
-        "sidcore ablation --title {wildcards.dataset} {params.args} --out {output.csv} --markdown {output.md}"
-        " --plot {output.png} --pdf {output.pdf} > {log} 2>&1"
+        "sidcore --log {log:q} ablation --title {wildcards.dataset} {params.args} --out {output.csv} --markdown {output.md}"
+        " --plot {output.png} --pdf {output.pdf}"
 
 
 # What each distillation of the configured tables cost, beside Table 8 of the SiDA paper.
@@ -121,7 +121,7 @@ rule cost:
     params:
         args=cost_args,
     shell:
-        "sidcore cost {params.args} --out {output.csv} --markdown {output.md} > {log} 2>&1"
+        "sidcore --log {log:q} cost {params.args} --out {output.csv} --markdown {output.md}"
 
 
 # One-step samples of a run's generator with fixed seeds, beside the teacher's (where teacher_eval is set).
@@ -152,8 +152,8 @@ rule figure:
         extra=lambda w, input: eval_args(w, input),
         figure=lambda w: "--seed {seed} --rows {rows} --cols {cols}".format(**config["figures"]),
     shell:
-        "{resources.launch} -- figure --settings {params.settings:q} --generator {input.generator} {params.teacher} --data {input.data}"
-        " {params.extra} {params.figure} --out {output} > {log} 2>&1"
+        "sidcore --log {log:q} {resources.launch} -- figure --settings {params.settings:q} --generator {input.generator} {params.teacher} --data {input.data}"
+        " {params.extra} {params.figure} --out {output}"
 
 
 # The papers' claims (a)–(e) tested on one experiment against criteria fixed in advance (sidcore claims).
@@ -192,8 +192,8 @@ rule claims:
     params:
         args=claims_args,
     shell:
-        "sidcore claims --title {wildcards.dataset} {params.args} --out {output.csv} --markdown {output.md}"
-        " --plot {output.png} > {log} 2>&1"
+        "sidcore --log {log:q} claims --title {wildcards.dataset} {params.args} --out {output.csv} --markdown {output.md}"
+        " --plot {output.png}"
 
 
 # The bill before the run: every GPU job of a table not yet done, its GPUs, hours, GPU-hours (sidcore/report/bill.py).
@@ -214,5 +214,5 @@ rule plan:
         networks=plan_networks,
         state=lambda w: plan.state(plan_jobs(w)),
     shell:
-        "sidcore plan --table {wildcards.table} --jobs {params.jobs:q} --networks {params.networks:q}"
-        " --csv {output.csv} --markdown {output.md} > {log} 2>&1"
+        "sidcore --log {log:q} plan --table {wildcards.table} --jobs {params.jobs:q} --networks {params.networks:q}"
+        " --csv {output.csv} --markdown {output.md}"

@@ -19,7 +19,7 @@ rule download:
         key="{key}",
         lock="resources/artifacts.lock.json",  # sha256 pinned on first download (sidcore.download)
     shell:
-        "sidcore download {params.key:q} --out {output:q} --lock {params.lock} > {log:q} 2>&1"
+        "sidcore --log {log:q} download {params.key:q} --out {output:q} --lock {params.lock}"
 
 
 rule prepare_data:
@@ -40,7 +40,7 @@ rule prepare_data:
         settings=lambda w: settings(dataset_of_data(w.data), stage="prepare"),
         args=lambda w: prepare_args(w.data),
     shell:
-        "sidcore prepare-data --settings {params.settings:q} {params.args} --out {output} > {log} 2>&1"
+        "sidcore --log {log:q} prepare-data --settings {params.settings:q} {params.args} --out {output}"
 
 
 # Latent datasets are encoded by the VAE on a GPU: the same command, as a GPU stage.
@@ -65,7 +65,7 @@ rule encode_latents:
         settings=lambda w: settings(dataset_of_data(w.data), stage="prepare"),
         args=lambda w: prepare_args(w.data),
     shell:
-        "{resources.launch} -- prepare-data --settings {params.settings:q} {params.args} --out {output} > {log} 2>&1"
+        "sidcore --log {log:q} {resources.launch} -- prepare-data --settings {params.settings:q} {params.args} --out {output}"
 
 
 ruleorder: encode_latents > prepare_data
@@ -89,8 +89,7 @@ rule convert_teacher:
         network=lambda w: network_json(f"teacher/{w.name}"),
         sampling="",
     shell:
-        "sidcore convert-network --src {input} --out {output} --network {params.network:q} {params.sampling}"
-        " > {log} 2>&1"
+        "sidcore --log {log:q} convert-network --src {input} --out {output} --network {params.network:q} {params.sampling}"
 
 
 use rule convert_teacher as convert_generator with:
@@ -126,7 +125,7 @@ rule train_teacher:
     params:
         settings=lambda w: settings(w.dataset, stage="train_teacher"),
     shell:
-        "sidcore train-teacher --settings {params.settings:q} --data {input.data} --out {output} > {log} 2>&1"
+        "sidcore --log {log:q} train-teacher --settings {params.settings:q} --data {input.data} --out {output}"
 
 
 rule compute_reference:
@@ -147,8 +146,8 @@ rule compute_reference:
     params:
         detector=lambda w: DATASETS[w.dataset]["detector"]["name"],
     shell:
-        "sidcore ref-stats --data {input.data} --detector {params.detector} --detector-weights {input.detector}"
-        " --out {output} > {log} 2>&1"
+        "sidcore --log {log:q} ref-stats --data {input.data} --detector {params.detector} --detector-weights {input.detector}"
+        " --out {output}"
 
 
 rule train_detector:
@@ -168,4 +167,4 @@ rule train_detector:
     params:
         epochs=lambda w: DATASETS[w.dataset]["detector"].get("epochs", 20),
     shell:
-        "sidcore train-detector --data {input.data} --out {output} --seed 0 --epochs {params.epochs} > {log} 2>&1"
+        "sidcore --log {log:q} train-detector --data {input.data} --out {output} --seed 0 --epochs {params.epochs}"
