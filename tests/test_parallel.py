@@ -115,7 +115,7 @@ def test_kill_9_at_random_moments_then_restart_is_bit_identical(toy, tmp_path, m
     assert checkpoint.load(out / "training-state.pt")["cur_nimg"] == 3 * 16  # the second state (tick 2), intact
     assert list(out.glob(".training-state.tmp*"))  # the half-written temporary file the crash left behind
     # Kills at random moments: after a random number of progress lines (ticks), mid-iteration.
-    while kills < 6:
+    while kills < 4:
         (proc,) = run(out)
         wait_ticks = rng.randint(1, 2)
         seen = 0
@@ -133,7 +133,7 @@ def test_kill_9_at_random_moments_then_restart_is_bit_identical(toy, tmp_path, m
         kills += 1
     if not (out / "generator.pt").exists():
         finish(run(out))
-    assert kills >= 5
+    assert kills >= 3
     assert not list(out.glob(".*.tmp*"))  # a restart clears what crashed writes left
     assert_identical(reference, final_state(out))
     assert (tmp_path / "ref" / "log.jsonl").read_text().count("\n") == (out / "log.jsonl").read_text().count("\n")

@@ -1,6 +1,7 @@
 """The training state: a restart continues the run that wrote it, or says what differs and what to do."""
 import random
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -153,14 +154,21 @@ def tree(folder) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def published(files, tmp_path):
-    """A finished SiD run started by the plan ``plan-1``, with its generator and record."""
-    out = tmp_path / "alpha1.2"
+@pytest.fixture(scope="module")
+def published_once(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("published") / "alpha1.2"
     inputs = {"teacher": files / "teacher.pt", "init": None}
     training_state.begin(out, CPU, settings("sid"), inputs, start="plan-1", log=lambda m: None)
     Distiller(settings("sid"), files / "teacher.pt", files / "data.zip", out).run(fake_fid, log=lambda m: None)
     return out, inputs
+
+
+@pytest.fixture
+def published(published_once, tmp_path):
+    """A finished SiD run started by the plan ``plan-1``, with its generator and record (a copy of one run)."""
+    run, inputs = published_once
+    shutil.copytree(run, tmp_path / run.name)
+    return tmp_path / run.name, inputs
 
 
 def begin(out, inputs, start=None, on_change="stop", **distill) -> list[str]:
