@@ -17,18 +17,18 @@ $(VENV)/.installed: envs/requirements.txt pyproject.toml
 	touch $@
 
 demo: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --cores $(CORES)
+	PATH="$(abspath $(BIN)):$$PATH" snakemake --cores $(CORES)
 
 test: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "slow or not slow" -q --durations=25
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "slow or not slow" -q --durations=25
 
 lint: install
 	$(BIN)/ruff check sidcore tests
 	$(BIN)/snakefmt --check Snakefile workflow
-	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --lint
+	PATH="$(abspath $(BIN)):$$PATH" snakemake --lint
 
 test-fast: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 clean-demo:
 	rm -rf results/tiny results/tables/tiny.* results/plots/tiny.* results/plans/tiny.* results/figures/tiny-* resources/*/tiny* \

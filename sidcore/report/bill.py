@@ -292,6 +292,7 @@ def bill(jobs: list[dict], networks: dict[str, dict]) -> pd.DataFrame:
               {"job": "total, as the DAG allows", "work left": "longest chain: " + (" → ".join(steps) or "none"),
                "hours": dag_hours}]
     frame = pd.concat([frame, pd.DataFrame(totals)], ignore_index=True).round({"hours": 2, "GPU-hours": 1})
+    frame["GPUs"] = frame["GPUs"].astype("Int64")  # whole GPUs, blank on the totals
     return frame.astype(object).where(frame.notna(), "")  # a job of unknown size: blank hours
 
 
