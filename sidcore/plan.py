@@ -29,10 +29,11 @@ def _common(settings: dict, stage: str, gpus: int, local: bool, outputs: list[st
             "latent": "latent" in settings}
 
 
-def teacher_training_job(settings: dict, local: bool, output: str, after: list[str]) -> dict:
-    """The training of a teacher from scratch (``teacher.train``: the tiny experiments), a CPU job."""
+def teacher_training_job(settings: dict, output: str) -> dict:
+    """The training of a teacher from scratch (``teacher.train``: the tiny experiments), a CPU job that waits
+    for no other job of the bill."""
     t = settings["teacher"]["train"]
-    return {**_common(settings, "train_teacher", 0, local, [output], after), "kimg": t.kimg, "batch": t.batch}
+    return {**_common(settings, "train_teacher", 0, False, [output], []), "kimg": t.kimg, "batch": t.batch}
 
 
 def distill_job(settings: dict, gpus: int, local: bool, run_dir: str, after: list[str]) -> dict:

@@ -193,7 +193,7 @@ def test_cpu_jobs_are_billed_on_the_cpu_timed_here_and_use_no_gpu(tmp_path, monk
     s = resolve(CONFIG, "tiny")
     teacher = str(tmp_path / "teacher.pt")
     run = str(tmp_path / "sid")
-    jobs = [plan.teacher_training_job(s, True, teacher, []),
+    jobs = [plan.teacher_training_job(s, teacher),
             plan.distill_job(job("tiny", "sid", 1.2), 2, True, run, [teacher]),
             plan.evaluation_job(s, 1, True, "SiD α=1.2", [f"{run}/eval/run0.json"], [f"{run}/generator.pt"]),
             plan.distill_job(job("tiny", "sid", 1.0), 2, True, str(tmp_path / "sid1.0"), [teacher]),

@@ -50,7 +50,7 @@ from sidcore.sampling import heun_nfe
 ITERATION_PASSES = 11
 TRAINING_PASSES = 3  # forward passes per image of a training step: the forward and its backward
 REFERENCE_GPU = "H100"  # Table 8's GPU for the datasets it does not cover
-CPU_PROBE_BATCH = 32  # images per timed pass on the CPU for an evaluation or an encoding
+CPU_PROBE_BATCH = 32  # images per timed pass on the CPU for a job without a batch (evaluation, encoding)
 CPU_PASSES, CPU_TIMING_S = 10, 2.0  # timed passes at most, and seconds after which 3 passes are enough
 CPU_TIMING_LIMIT = 2e10  # FLOPs of the largest timed pass (a larger network is not timed on this CPU)
 FLOPS_FILE = Path(__file__).resolve().parents[1] / "data" / "flops.yaml"
@@ -61,11 +61,15 @@ def _forward_flops(network: str) -> float:
     n = json.loads(network)
     with torch.device("meta"):
         net = build_network(**n)
-        x = torch.zeros(1, n["img_channels"], n["img_resolution"], n["img_resolution"])
-        labels = torch.zeros(1, n["label_dim"]) if n["label_dim"] else None
         with FlopCounterMode(display=False) as counter:
-            net(x, torch.ones(1), labels)
+            net(*_batch(n, 1))
     return float(counter.get_total_flops())
+
+
+def _batch(n: dict, size: int) -> tuple:
+    """A network's arguments for ``size`` images (x, σ, one-hot labels or None), on the current device."""
+    x = torch.zeros(size, n["img_channels"], n["img_resolution"], n["img_resolution"])
+    return x, torch.ones(size), torch.zeros(size, n["label_dim"]) if n["label_dim"] else None
 
 
 def forward_flops(network: dict) -> float:
@@ -79,14 +83,11 @@ def _cpu_rate(network: str, batch: int) -> float:
     flops = TRAINING_PASSES * _forward_flops(network) * batch
     if flops > CPU_TIMING_LIMIT:
         return math.nan
-    torch.manual_seed(0)
-    net = build_network(**n).train()
-    x = torch.randn(batch, n["img_channels"], n["img_resolution"], n["img_resolution"])
-    labels = torch.eye(n["label_dim"])[torch.arange(batch) % n["label_dim"]] if n["label_dim"] else None
+    net, args = build_network(**n).train(), _batch(n, batch)
     fastest, start = math.inf, time.perf_counter()
     for passes in range(CPU_PASSES + 1):  # the first warms up
         begin = time.perf_counter()
-        net(x, torch.ones(batch), labels).square().mean().backward()
+        net(*args).square().mean().backward()
         fastest = min(fastest, time.perf_counter() - begin) if passes else fastest
         if passes >= 3 and time.perf_counter() - start > CPU_TIMING_S:
             break
@@ -157,9 +158,9 @@ class Throughputs:
         if logs and job["stage"] not in CPU_STAGES:
             rates = [self.measured(job["network"], m, r) for m, r in logs]
             return statistics.median(rates), logs[0][1][-1]["device"], f"{job['dataset']} logs"
-        if on_cpu(job):
-            batch = {"train_teacher": job.get("batch"), "distill": job.get("batch", 0) // max(job["gpus"], 1)}
-            return cpu_rate(job["network"], batch.get(job["stage"]) or CPU_PROBE_BATCH), "cpu", "timed here"
+        if on_cpu(job):  # a process's batch: a training job's own, else the probe's
+            batch = job.get("batch", CPU_PROBE_BATCH) // max(job["gpus"], 1)
+            return cpu_rate(job["network"], batch), "cpu", "timed here"
         column = self.columns.get((job["table"], "sida" if ADVERSARIAL.get(method) else "sid"))
         if column:
             return column[0], column[1], "Table 8"
@@ -182,10 +183,11 @@ def evaluations_left(job: dict, next_tick: int) -> int:
 def job_name(job: dict) -> str:
     """A job's name in the bill."""
     d = job["dataset"]
-    return {"distill": lambda: f"distill {d} {METHOD_NAMES[job['method']]} α={alpha_text(job['alpha'])}",
-            "evaluate": lambda: f"evaluate {d} {job['model']}",
-            "train_teacher": lambda: f"train teacher {d}",
-            "encode": lambda: f"encode {d} (SD VAE)"}[job["stage"]]()
+    if job["stage"] == "distill":
+        return f"distill {d} {METHOD_NAMES[job['method']]} α={alpha_text(job['alpha'])}"
+    if job["stage"] == "evaluate":
+        return f"evaluate {d} {job['model']}"
+    return f"train teacher {d}" if job["stage"] == "train_teacher" else f"encode {d} (SD VAE)"
 
 
 def distill_row(job: dict, rates: Throughputs, records: list[dict]) -> dict:

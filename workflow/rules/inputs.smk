@@ -298,7 +298,7 @@ def table_jobs(table) -> list[dict]:
             jobs.append(plan.encode_job(s, gpus["encode"], local, data))
         training = [teacher] if d["teacher"]["source"] == "train" else []  # ... or the teacher
         if training:
-            jobs.append(plan.teacher_training_job(s, local, teacher, []))
+            jobs.append(plan.teacher_training_job(s, teacher))
         made = encoding + training
         if "teacher_eval" in d:
             runs_of = [f"results/{dataset}/teacher/eval/{r}" for r in RUNS]
